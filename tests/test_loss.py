@@ -1,0 +1,89 @@
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from ssd import config as C
+from ssd.anchors import default_boxes
+from ssd.loss import hard_negative_mask, multibox_loss
+from ssd.matching import encode_targets_batch
+from tests.oracle import tv_pixel_anchors, tv_ssd
+
+CFG = C.preset("tiny")
+SIZE = CFG.model.image_size
+DEFAULTS = default_boxes(CFG)
+NUM_CLASSES = 6
+
+
+def random_batch(seed, images=4):
+    g = torch.Generator().manual_seed(seed)
+    boxes, labels = [], []
+    for _ in range(images):
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 0.6
+        boxes.append(torch.cat((xy, xy + torch.rand(n, 2, generator=g) * 0.35 + 0.05), 1))
+        labels.append(torch.randint(1, NUM_CLASSES, (n,), generator=g))
+    a = DEFAULTS.shape[0]
+    cls_logits = torch.randn(images, a, NUM_CLASSES, generator=g) * 2
+    loc_preds = torch.randn(images, a, 4, generator=g)
+    return boxes, labels, cls_logits, loc_preds
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_multibox_loss_equals_torchvision_compute_loss(seed):
+    boxes, labels, cls_logits, loc_preds = random_batch(seed)
+    cls_t, loc_t = encode_targets_batch(boxes, labels, DEFAULTS)
+    ours = multibox_loss(cls_logits, loc_preds, cls_t, loc_t)
+
+    tv = tv_ssd(C.override(CFG, [f"model.num_classes={NUM_CLASSES}"]))
+    anchors = tv_pixel_anchors(CFG)
+    targets = [{"boxes": b * SIZE, "labels": lab} for b, lab in zip(boxes, labels)]
+    matched = [tv.proposal_matcher(box_iou(t["boxes"], anchors)) for t in targets]
+    # same matches as ours on these cases, so the two losses see identical targets
+    assert torch.equal(torch.stack(matched) >= 0, cls_t > 0)
+    theirs = tv.compute_loss(
+        targets, {"bbox_regression": loc_preds, "cls_logits": cls_logits}, [anchors] * len(boxes), matched
+    )
+    torch.testing.assert_close(ours["loc"], theirs["bbox_regression"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["cls"], theirs["classification"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["loss"], theirs["bbox_regression"] + theirs["classification"])
+    # hard negatives: exactly 3 per positive in every image (plenty of negatives here)
+    assert ours["num_neg"] == 3 * ours["num_pos"]
+
+
+def test_hard_negatives_are_the_highest_loss_negatives_per_image():
+    cls_loss = torch.tensor([[0.9, 5.0, 0.1, 3.0, 2.0, 4.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    positive = torch.tensor(
+        [[False, True, False, False, False, False], [True, True, False, False, False, False]]
+    )
+    mask = hard_negative_mask(cls_loss, positive, neg_pos_ratio=3)
+    # image 0: 1 positive -> the 3 largest negative losses 4.0, 3.0, 2.0 (5.0 is the positive)
+    assert mask[0].tolist() == [False, False, False, True, True, True]
+    # image 1: 2 positives -> up to 6 negatives, only 4 exist: all of them, never a positive
+    assert mask[1].tolist() == [False, False, True, True, True, True]
+
+
+def test_loss_weights_the_localisation_part_by_alpha():
+    boxes, labels, cls_logits, loc_preds = random_batch(3)
+    cls_t, loc_t = encode_targets_batch(boxes, labels, DEFAULTS)
+    one = multibox_loss(cls_logits, loc_preds, cls_t, loc_t, alpha=1.0)
+    two = multibox_loss(cls_logits, loc_preds, cls_t, loc_t, alpha=2.0)
+    torch.testing.assert_close(two["loss"], one["cls"] + 2 * one["loc"])
+
+
+def test_a_batch_without_positives_gives_finite_loss_and_no_box_loss():
+    a = DEFAULTS.shape[0]
+    cls_logits = torch.randn(2, a, NUM_CLASSES, requires_grad=True)
+    loc_preds = torch.randn(2, a, 4, requires_grad=True)
+    out = multibox_loss(cls_logits, loc_preds, torch.zeros(2, a, dtype=torch.long), torch.zeros(2, a, 4))
+    assert torch.isfinite(out["loss"]) and out["loc"] == 0 and out["num_neg"] == 0
+    out["loss"].backward()
+    assert torch.isfinite(cls_logits.grad).all() and torch.isfinite(loc_preds.grad).all()
+
+
+def test_gradients_flow_only_through_positives_for_localisation():
+    boxes, labels, cls_logits, loc_preds = random_batch(5, images=2)
+    cls_t, loc_t = encode_targets_batch(boxes, labels, DEFAULTS)
+    loc_preds.requires_grad_(True)
+    multibox_loss(cls_logits, loc_preds, cls_t, loc_t)["loss"].backward()
+    has_grad = loc_preds.grad.abs().sum(-1) > 0
+    assert torch.equal(has_grad, cls_t > 0)
