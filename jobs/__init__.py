@@ -1,0 +1,1 @@
+"""rayssd's entry points: each module runs as `python -m jobs.<verb>` and behind `rayssd <verb>`."""

@@ -1,0 +1,177 @@
+"""The core demo: rayssd's numerics end to end in one process, no Ray, no MLflow.
+
+Draws a small synthetic detection set, matches it to the default boxes, trains a preset
+from scratch for a few hundred steps, detects on held-out scenes and scores them with
+COCO mAP. It shows the `ssd` package working on its own; `rayssd quickstart` is the
+distributed version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from ssd import config as C
+from ssd.anchors import default_boxes
+from ssd.evaluate import CocoEvaluator
+from ssd.grid_matching import GridMatcher
+from ssd.loss import multibox_loss
+from ssd.matching import encode_targets_batch
+from ssd.model import build_ssd
+from ssd.postprocess import postprocess
+from ssd.synthetic import CLASS_NAMES, make_scene
+from ssd.transforms import eval_transform
+
+SCENE_SIZE = 160  # pixels of the drawn scenes; the model sees them resized
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="config preset (default: tiny)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    parser.add_argument(
+        "--train-images", type=int, default=512, help="synthetic training scenes (default: 512)"
+    )
+    parser.add_argument("--val-images", type=int, default=64, help="held-out scenes for mAP (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for scenes and weights (default: 0)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.batch_size=16 (repeatable)",
+    )
+
+
+def _scenes(count: int, seed: int, size: int) -> tuple[torch.Tensor, list, list, list]:
+    rng = np.random.default_rng(seed)
+    images, boxes, labels, raw_boxes = [], [], [], []
+    for _ in range(count):
+        image, b, lab = make_scene(rng, SCENE_SIZE, SCENE_SIZE)
+        resized, unit_boxes = eval_transform(image, b, size)
+        images.append(torch.from_numpy(np.array(resized)).permute(2, 0, 1))  # PIL arrays are read-only
+        boxes.append(torch.from_numpy(unit_boxes))
+        labels.append(torch.from_numpy(lab))
+        raw_boxes.append(b)
+    return torch.stack(images), boxes, labels, raw_boxes
+
+
+def _coco_ground_truth(raw_boxes: list, labels: list) -> dict:
+    annotations = []
+    for image_id, (b, lab) in enumerate(zip(raw_boxes, labels)):
+        for box, label in zip(b.tolist(), lab.tolist()):
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    return {
+        "images": [{"id": i, "width": SCENE_SIZE, "height": SCENE_SIZE} for i in range(len(raw_boxes))],
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)],
+    }
+
+
+def _learning_rate(cfg: C.Config, step: int, steps: int) -> float:
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return cfg.train.lr * (step + 1) / warmup
+    return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def run(args: argparse.Namespace) -> dict:
+    cfg = C.override(C.preset(args.preset), [f"model.num_classes={len(CLASS_NAMES) + 1}", *args.overrides])
+    if args.steps < 1 or args.train_images < 1 or args.val_images < 1:
+        raise C.ConfigError("--steps, --train-images and --val-images must be >= 1")
+    torch.manual_seed(args.seed)
+    size, batch = cfg.model.image_size, cfg.train.batch_size
+    print(
+        f"preset {cfg.name}: {size}px input, {cfg.anchors.num_default_boxes()} default boxes, "
+        f"{len(CLASS_NAMES)} classes {CLASS_NAMES}"
+    )
+
+    start = time.perf_counter()
+    train_images, train_boxes, train_labels, _ = _scenes(args.train_images, args.seed, size)
+    val_images, _, val_labels, val_raw = _scenes(args.val_images, args.seed + 1, size)
+    dboxes = default_boxes(cfg)
+    matcher = GridMatcher.from_config(cfg, dboxes)
+    cls_t, loc_t = encode_targets_batch(train_boxes, train_labels, dboxes, cfg.train.iou_threshold, matcher)
+    print(
+        f"drew {args.train_images} + {args.val_images} scenes and matched them in "
+        f"{time.perf_counter() - start:.1f}s ({float((cls_t > 0).sum(1).float().mean()):.1f} positives/image)"
+    )
+
+    model = build_ssd(cfg).train()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+    seen, clock = 0, time.perf_counter()
+    for step in range(args.steps):
+        idx = torch.randint(0, args.train_images, (batch,), generator=generator)
+        for group in optimiser.param_groups:
+            group["lr"] = _learning_rate(cfg, step, args.steps)
+        cls_logits, loc_preds = model(train_images[idx])
+        losses = multibox_loss(
+            cls_logits, loc_preds, cls_t[idx], loc_t[idx], cfg.train.neg_pos_ratio, cfg.train.loc_weight
+        )
+        optimiser.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimiser.step()
+        seen += batch
+        if step % 25 == 0 or step == args.steps - 1:
+            rate = seen / (time.perf_counter() - clock)
+            print(
+                f"step {step + 1:4d}/{args.steps}  loss {losses['loss'].item():6.3f}  "
+                f"(cls {losses['cls'].item():.3f}, loc {losses['loc'].item():.3f})  {rate:5.1f} img/s",
+                flush=True,
+            )
+    train_rate = seen / (time.perf_counter() - clock)
+
+    model.eval()
+    evaluator = CocoEvaluator(_coco_ground_truth(val_raw, val_labels))
+    inf = cfg.inference
+    with torch.inference_mode():
+        for first in range(0, args.val_images, batch):
+            chunk = val_images[first : first + batch]
+            cls_logits, loc_preds = model(chunk)
+            detections = postprocess(
+                cls_logits,
+                loc_preds,
+                dboxes,
+                [(SCENE_SIZE, SCENE_SIZE)] * len(chunk),
+                inf.score_threshold,
+                inf.nms_threshold,
+                inf.topk_candidates,
+                inf.max_detections,
+            )
+            evaluator.update(
+                list(range(first, first + len(chunk))),
+                [d["boxes"] for d in detections],
+                [d["scores"] for d in detections],
+                [d["labels"] for d in detections],
+            )
+    metrics = evaluator.summarize()
+    print(
+        f"held-out mAP@[.5:.95] {metrics['map']:.3f}  mAP@0.5 {metrics['map50']:.3f}  "
+        f"(training {train_rate:.1f} img/s, {time.perf_counter() - start:.0f}s in all)"
+    )
+    return {"map": metrics["map"], "map50": metrics["map50"], "train_images_per_s": train_rate}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""rayssd's distributed side: Ray Data pipelines, batch inference and Ray Serve."""
