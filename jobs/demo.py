@@ -31,9 +31,9 @@ SCENE_SIZE = 160  # pixels of the drawn scenes; the model sees them resized
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="config preset (default: tiny)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    parser.add_argument("--steps", type=int, default=400, help="training steps (default: 400)")
     parser.add_argument(
-        "--train-images", type=int, default=512, help="synthetic training scenes (default: 512)"
+        "--train-images", type=int, default=1024, help="synthetic training scenes (default: 1024)"
     )
     parser.add_argument("--val-images", type=int, default=64, help="held-out scenes for mAP (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed for scenes and weights (default: 0)")
