@@ -53,7 +53,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rayssd",
-        description="SSD (Single Shot MultiBox Detector) training, labelling and serving on Ray.",
+        description="rayssd: SSD (Single Shot MultiBox Detector) on Ray. "
+        "Today: the core detector (demo), its configs and presets.",
         epilog="Run `rayssd COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except C.ConfigError as exc:
+    except ValueError as exc:  # bad config, arguments or input data: say what, no traceback
         print(f"rayssd {args.command}: error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -9,7 +9,6 @@ distributed version.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ from ssd.grid_matching import GridMatcher
 from ssd.loss import multibox_loss
 from ssd.matching import encode_targets_batch
 from ssd.model import build_ssd
+from ssd.optim import build_optimizer, learning_rate, set_learning_rate
 from ssd.postprocess import postprocess
 from ssd.synthetic import CLASS_NAMES, make_scene
 from ssd.transforms import eval_transform
@@ -82,13 +82,6 @@ def _coco_ground_truth(raw_boxes: list, labels: list) -> dict:
     }
 
 
-def _learning_rate(cfg: C.Config, step: int, steps: int) -> float:
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return cfg.train.lr * (step + 1) / warmup
-    return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def run(args: argparse.Namespace) -> dict:
     cfg = C.override(C.preset(args.preset), [f"model.num_classes={len(CLASS_NAMES) + 1}", *args.overrides])
     if args.steps < 1 or args.train_images < 1 or args.val_images < 1:
@@ -111,20 +104,24 @@ def run(args: argparse.Namespace) -> dict:
         f"{time.perf_counter() - start:.1f}s ({float((cls_t > 0).sum(1).float().mean()):.1f} positives/image)"
     )
 
+    if cfg.data.augment:
+        print("note: the demo trains on fixed scenes; augmentation (data.augment) runs in the data pipeline")
     model = build_ssd(cfg).train()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimiser = build_optimizer(model, cfg.train)
+    steps_per_epoch = max(1, args.train_images // batch)
     generator = torch.Generator().manual_seed(args.seed)
     seen, clock = 0, time.perf_counter()
     for step in range(args.steps):
         idx = torch.randint(0, args.train_images, (batch,), generator=generator)
-        for group in optimiser.param_groups:
-            group["lr"] = _learning_rate(cfg, step, args.steps)
+        set_learning_rate(optimiser, learning_rate(cfg.train, step, args.steps, steps_per_epoch))
         cls_logits, loc_preds = model(train_images[idx])
         losses = multibox_loss(
             cls_logits, loc_preds, cls_t[idx], loc_t[idx], cfg.train.neg_pos_ratio, cfg.train.loc_weight
         )
         optimiser.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        if cfg.train.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
         optimiser.step()
         seen += batch
         if step % 25 == 0 or step == args.steps - 1:

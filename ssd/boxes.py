@@ -40,16 +40,11 @@ def iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 def batched_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of Tensor[B, N, 4] xyxy against Tensor[M, 4] xyxy -> Tensor[B, N, M].
 
-    The batched form `torchvision.ops.box_iou` lacks; degenerate (zero-area) boxes give 0.
+    `torchvision.ops.box_iou` over the flattened batch; a zero-area box against a box with
+    area gives 0.
     """
-    area1 = (boxes1[..., 2] - boxes1[..., 0]).clamp(min=0) * (boxes1[..., 3] - boxes1[..., 1]).clamp(min=0)
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])  # [M]
-    lt = torch.max(boxes1[..., :, None, :2], boxes2[:, :2])  # [B, N, M, 2]
-    rb = torch.min(boxes1[..., :, None, 2:], boxes2[:, 2:])  # [B, N, M, 2]
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]  # [B, N, M]
-    union = area1[..., None] + area2 - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
+    batch, n = boxes1.shape[:2]
+    return box_iou(boxes1.reshape(-1, 4), boxes2).view(batch, n, boxes2.shape[0])
 
 
 def encode(

@@ -289,6 +289,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         return float(value)
@@ -400,6 +405,11 @@ def validate(cfg: Config) -> Config:
         (t.lr > 0, "train.lr", f"must be > 0, got {t.lr}"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (
+            t.batch_size >= 2 or m.backbone == "vgg16",
+            "train.batch_size",
+            f"must be >= 2: the {m.backbone} backbone has BatchNorm, which needs 2 samples per step",
+        ),
         (t.optimizer in ("sgd", "adamw"), "train.optimizer", "must be sgd or adamw"),
         (t.lr_schedule in ("step", "cosine"), "train.lr_schedule", "must be step or cosine"),
         (0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)"),

@@ -11,8 +11,9 @@ feature map form a regular grid, and IoU against a grid is separable:
   IoU is at most min(w)·min(h) / (a₁ + a₂ − min(w)·min(h)). Only (ground truth, shape)
   pairs under that bound get the f×f IoU block; most pairs are skipped.
 
-Images where two ground truths claim the same best default box go to the reference
-matcher, which resolves the conflict (crowds are rare; exactness matters more).
+Where two ground truths claim the same best default box, only the losers go through the
+reference's conflict rounds, with IoU rows computed for them alone. Results equal the
+reference's except between default boxes whose IoU is tied to float rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from ssd.boxes import batched_iou, cxcywh_to_xyxy
 from ssd.config import IOU_THRESHOLD, Config
-from ssd.matching import UNMATCHED, _assign_best_default_boxes
+from ssd.matching import UNMATCHED, assign_best_default_boxes
 
 _BOUND_SLACK = 1e-4  # keep pairs whose IoU bound is within float noise of the threshold
 
@@ -31,7 +32,10 @@ _FAR = 4.0  # edge of padding "default boxes": far outside [0, 1], so they overl
 
 
 class GridMatcher:
-    """Same results as `ssd.matching.match_batch` for grid-structured default boxes.
+    """The matches of `ssd.matching.match_batch` for grid-structured default boxes.
+
+    Identical except where a ground truth's best IoU is tied (to float rounding) between
+    several default boxes: each implementation then picks one of the tied boxes.
 
     default_boxes: Tensor[A, 4] (cx, cy, w, h) in [0, 1] as `ssd.anchors.default_boxes`
     lays them out for `feature_maps` (sides) with `boxes_per_location` shapes each.
@@ -56,12 +60,11 @@ class GridMatcher:
         self.sizes = list(feature_maps)
         self.shapes = list(boxes_per_location)
         m, s_max, f_max = len(self.sizes), max(self.shapes), max(self.sizes)
-        dtype = default_boxes.dtype
-        self.x1, self.x2, self.y1, self.y2 = (
-            torch.full((s_max, m, f_max), _FAR, dtype=dtype) for _ in range(4)
-        )
-        self.area = torch.zeros(s_max, m, f_max, f_max, dtype=dtype)  # [S, M, F(i), F(j)]
-        self.exists = torch.zeros(s_max, m, dtype=torch.bool)  # shape s is used on map m
+        device = default_boxes.device
+        kw = {"dtype": default_boxes.dtype, "device": device}
+        self.x1, self.x2, self.y1, self.y2 = (torch.full((s_max, m, f_max), _FAR, **kw) for _ in range(4))
+        self.area = torch.zeros(s_max, m, f_max, f_max, **kw)  # [S, M, F(i), F(j)]
+        self.exists = torch.zeros(s_max, m, dtype=torch.bool, device=device)  # shape s is used on map m
         self.offsets = []
         xyxy = cxcywh_to_xyxy(default_boxes)
         offset = 0
@@ -80,9 +83,10 @@ class GridMatcher:
             offset += f * f * s
         self.shape_w = self.x2[:, :, 0] - self.x1[:, :, 0]  # [S, M] width of each shape
         self.shape_h = self.y2[:, :, 0] - self.y1[:, :, 0]
-        s_idx = torch.arange(s_max)[:, None]
-        size, nshape = torch.tensor(self.sizes), torch.tensor(self.shapes)
-        offsets = torch.tensor(self.offsets)
+        s_idx = torch.arange(s_max, device=device)[:, None]
+        size = torch.tensor(self.sizes, device=device)
+        nshape = torch.tensor(self.shapes, device=device)
+        offsets = torch.tensor(self.offsets, device=device)
         # index of the default box (shape s, map m, row i, column j) = base + (i*f + j)*S_m
         self._base = offsets + s_idx  # [S, M]
         self._row_stride = size * nshape  # [M]
@@ -197,6 +201,6 @@ class GridMatcher:
         packed_gt[packed, pos] = gt[losers]
         overlaps = batched_iou(packed_boxes, cxcywh_to_xyxy(self.default_boxes))
         overlaps = overlaps.masked_fill(~packed_valid[..., None], -1.0)
-        owner = _assign_best_default_boxes(overlaps, packed_valid, free=~taken[images])  # [L, A]
+        owner = assign_best_default_boxes(overlaps, packed_valid, free=~taken[images])  # [L, A]
         rows, cols = (owner >= 0).nonzero(as_tuple=True)
         matches[images[rows], cols] = packed_gt[rows, owner[rows, cols]]

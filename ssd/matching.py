@@ -71,11 +71,11 @@ def match_batch(
     overlaps = overlaps.masked_fill(~valid[..., None], -1.0)
     best_iou, best_gt = overlaps.max(dim=1)  # [B, A]
     matches = torch.where(best_iou > iou_threshold, best_gt, UNMATCHED)
-    owner = _assign_best_default_boxes(overlaps, valid)
+    owner = assign_best_default_boxes(overlaps, valid)
     return torch.where(owner >= 0, owner, matches)
 
 
-def _assign_best_default_boxes(overlaps: Tensor, valid: Tensor, free: Tensor | None = None) -> Tensor:
+def assign_best_default_boxes(overlaps: Tensor, valid: Tensor, free: Tensor | None = None) -> Tensor:
     """Give each valid ground truth a distinct default box, best IoU first.
 
     overlaps: Tensor[B, N, A] (-1 on padding rows); free: Tensor[B, A] bool, default boxes
@@ -132,7 +132,8 @@ def encode_targets_batch(
     Raises ValueError for a box with no area, naming the image and box index.
     """
     boxes, labels, valid = pad_ground_truth(gt_boxes, gt_labels)
-    boxes = boxes.to(default_boxes.dtype)
+    boxes = boxes.to(default_boxes)  # dtype and device of the default boxes
+    labels, valid = labels.to(default_boxes.device), valid.to(default_boxes.device)
     bad = valid & ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1]))
     if bool(bad.any()):
         image, box = (int(i) for i in bad.nonzero()[0])

@@ -57,6 +57,6 @@ def test_batched_iou_equals_torchvision_box_iou_per_image():
         torch.testing.assert_close(out[i], B.iou(many[i], others))
 
 
-def test_batched_iou_of_a_degenerate_box_is_zero_not_nan():
+def test_batched_iou_of_a_zero_area_box_is_zero_not_nan():
     zero = torch.tensor([[[0.5, 0.5, 0.5, 0.5]]])
-    assert B.batched_iou(zero, torch.tensor([[0.5, 0.5, 0.5, 0.5]])).item() == 0.0
+    assert B.batched_iou(zero, torch.tensor([[0.4, 0.4, 0.6, 0.6]])).item() == 0.0

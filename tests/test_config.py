@@ -79,3 +79,15 @@ def test_flatten_gives_dotted_keys_for_tracking():
     flat = C.flatten(C.preset("tiny"))
     assert flat["train.lr"] == C.preset("tiny").train.lr
     assert flat["anchors.feature_maps"] == [16, 8, 4, 2, 1]
+
+
+def test_scientific_notation_is_a_number_in_overrides_and_yaml():
+    cfg = C.override(C.preset("tiny"), ["train.lr=1e-3", "train.weight_decay=5E-4"])
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005
+    assert C.from_yaml("preset: tiny\ntrain:\n  lr: 2e-3\n").train.lr == 0.002
+
+
+def test_batchnorm_backbones_refuse_a_batch_of_one():
+    with pytest.raises(C.ConfigError, match=r"train\.batch_size"):
+        C.override(C.preset("tiny"), ["train.batch_size=1"])
+    assert C.override(C.preset("ssd300_vgg16"), ["train.batch_size=1"]).train.batch_size == 1

@@ -87,3 +87,22 @@ def test_gradients_flow_only_through_positives_for_localisation():
     multibox_loss(cls_logits, loc_preds, cls_t, loc_t)["loss"].backward()
     has_grad = loc_preds.grad.abs().sum(-1) > 0
     assert torch.equal(has_grad, cls_t > 0)
+
+
+def test_an_image_without_ground_truth_gets_no_hard_negatives_in_a_mixed_batch():
+    boxes, labels, cls_logits, loc_preds = random_batch(11, images=3)
+    boxes[1], labels[1] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    cls_t, loc_t = encode_targets_batch(boxes, labels, DEFAULTS)
+    out = multibox_loss(cls_logits, loc_preds, cls_t, loc_t)
+    assert torch.isfinite(out["loss"])
+    ce = torch.nn.functional.cross_entropy(cls_logits[1], cls_t[1], reduction="none")
+    from ssd.loss import hard_negative_mask
+
+    mask = hard_negative_mask(
+        torch.nn.functional.cross_entropy(
+            cls_logits.flatten(0, 1), cls_t.flatten(), reduction="none"
+        ).view_as(cls_t),
+        cls_t > 0,
+    )
+    assert not mask[1].any() and ce.numel() == DEFAULTS.shape[0]
+    assert out["num_neg"] == 3 * out["num_pos"]

@@ -1,0 +1,127 @@
+"""Rows → training samples on CPU workers: decode, augment, resize, match, encode.
+
+Trainers only run forward and backward; everything here runs in Ray Data `map_batches`
+anywhere in the cluster. Input rows follow `pipelines.datasets` (``image_id``, ``path``,
+``width``, ``height``, ``boxes`` [N, 4] xyxy pixels, ``labels`` [N], ``ignore`` [N]);
+output rows are ``image_id``, ``width``, ``height`` (of the original image),
+``image`` uint8 [3, S, S], ``cls_targets`` int16 [A] and ``loc_targets`` float32 [A, 4].
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow.fs
+import torch
+from PIL import Image
+
+from pipelines.memory import keep_freed_memory
+from ssd import config as C
+from ssd.anchors import default_boxes
+from ssd.grid_matching import GridMatcher
+from ssd.matching import encode_targets_batch
+from ssd.transforms import eval_transform, rng_for, train_transform
+
+log = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ("image_id", "width", "height", "image", "cls_targets", "loc_targets")
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image file (local path or any pyarrow filesystem URI) to uint8 [H, W, 3] RGB."""
+    if "://" in path:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        with fs.open_input_file(inner) as f:
+            data = f.read()
+        image = Image.open(io.BytesIO(data))
+    else:
+        image = Image.open(path)
+    with image:
+        return np.array(image.convert("RGB"))
+
+
+def class_target_dtype(num_classes: int) -> np.dtype:
+    """Smallest integer type that holds every class index exactly."""
+    return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max else np.dtype(np.int32)
+
+
+class SamplePreprocessor:
+    """Ray Data callable class: a batch of source rows → a batch of training samples.
+
+    Built once per worker (default boxes, the grid matcher, allocator settings); each call
+    decodes the batch's images, applies `ssd.transforms.train_transform` seeded by
+    (seed, epoch, image_id) — so a run repeats exactly — or the deterministic
+    `eval_transform`, then matches and encodes the whole batch at once.
+    Boxes flagged ``ignore`` (COCO crowd, VOC difficult) are left out of the targets.
+    """
+
+    def __init__(self, config: dict[str, Any], train: bool, epoch: int = 0, threads: int = 1):
+        self.cfg = C.from_dict(config)
+        self.train = train and self.cfg.data.augment
+        self.epoch = epoch
+        self.size = self.cfg.model.image_size
+        self.default_boxes = default_boxes(self.cfg)
+        self.matcher = GridMatcher.from_config(self.cfg, self.default_boxes)
+        self.cls_dtype = class_target_dtype(self.cfg.model.num_classes)
+        torch.set_num_threads(threads)  # a data worker owns one CPU; no oversubscription
+        keep_freed_memory()
+
+    def _sample(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image = read_image(str(row["path"]))
+        keep = ~np.asarray(row["ignore"], dtype=bool)
+        boxes = np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)[keep]
+        labels = np.asarray(row["labels"], dtype=np.int64).reshape(-1)[keep]
+        if self.train:
+            rng = rng_for(self.cfg.data.seed, self.epoch, int(row["image_id"]))
+            return train_transform(image, boxes, labels, self.size, rng)
+        resized, unit_boxes = eval_transform(image, boxes, self.size)
+        return resized, unit_boxes, labels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [
+            {key: batch[key][i] for key in ("image_id", "path", "boxes", "labels", "ignore")}
+            for i in range(len(batch["image_id"]))
+        ]
+        samples = [self._sample(row) for row in rows]  # decode + augment: per image by nature
+        images = np.stack([np.ascontiguousarray(s[0].transpose(2, 0, 1)) for s in samples])  # [B, 3, S, S]
+        boxes = [torch.from_numpy(np.ascontiguousarray(s[1], dtype=np.float32)) for s in samples]
+        labels = [torch.from_numpy(np.ascontiguousarray(s[2], dtype=np.int64)) for s in samples]
+        cls_targets, loc_targets = encode_targets_batch(
+            boxes, labels, self.default_boxes, self.cfg.train.iou_threshold, self.matcher
+        )
+        return {
+            "image_id": np.asarray(batch["image_id"], dtype=np.int64),
+            "width": np.asarray(batch["width"], dtype=np.int64),
+            "height": np.asarray(batch["height"], dtype=np.int64),
+            "image": images,
+            "cls_targets": cls_targets.numpy().astype(self.cls_dtype),
+            "loc_targets": loc_targets.numpy(),
+        }
+
+
+def preprocess(
+    ds: Any,
+    cfg: C.Config,
+    *,
+    train: bool,
+    epoch: int = 0,
+    batch_size: int = 32,
+    concurrency: int | tuple[int, int] = (1, 2),
+    num_cpus: float = 1.0,
+) -> Any:
+    """Lazily map a source `ray.data.Dataset` to training samples (see module docstring).
+
+    `concurrency` is the size of the worker pool (an int or an autoscaling (min, max));
+    `num_cpus` per worker may be fractional to share CPUs with co-located trainers.
+    """
+    return ds.map_batches(
+        SamplePreprocessor,
+        fn_constructor_kwargs={"config": C.to_dict(cfg), "train": train, "epoch": epoch},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+    )
