@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import demo
+from jobs import data, demo, prepare
 from ssd import config as C
 
 
@@ -45,6 +45,11 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    prepare.run(args)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     demo.run(args)
     return 0
@@ -54,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rayssd",
         description="rayssd: SSD (Single Shot MultiBox Detector) on Ray. "
-        "Today: the core detector (demo), its configs and presets.",
+        "Today: datasets (data builtin, prepare), the core detector (demo), configs and presets.",
         epilog="Run `rayssd COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -77,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list the model presets", description="List the model presets.")
     presets.set_defaults(func=_cmd_presets)
+
+    data.register(sub)
+
+    prepare_parser = sub.add_parser(
+        "prepare",
+        help="validate a dataset and cache its matched samples as Parquet (Ray Data)",
+        description=prepare.DESCRIPTION,
+    )
+    prepare.add_arguments(prepare_parser)
+    prepare_parser.set_defaults(func=_cmd_prepare)
     return parser
 
 

@@ -109,19 +109,21 @@ def preprocess(
     train: bool,
     epoch: int = 0,
     batch_size: int = 32,
-    concurrency: int | tuple[int, int] = (1, 2),
+    workers: tuple[int, int] = (1, 2),
     num_cpus: float = 1.0,
 ) -> Any:
     """Lazily map a source `ray.data.Dataset` to training samples (see module docstring).
 
-    `concurrency` is the size of the worker pool (an int or an autoscaling (min, max));
-    `num_cpus` per worker may be fractional to share CPUs with co-located trainers.
+    `workers` is the (min, max) size of the autoscaling actor pool; `num_cpus` per worker
+    may be fractional to share CPUs with co-located trainers.
     """
+    from ray.data import ActorPoolStrategy
+
     return ds.map_batches(
         SamplePreprocessor,
         fn_constructor_kwargs={"config": C.to_dict(cfg), "train": train, "epoch": epoch},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ActorPoolStrategy(min_size=workers[0], max_size=workers[1]),
         num_cpus=num_cpus,
     )
