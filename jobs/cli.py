@@ -6,33 +6,12 @@ import argparse
 import sys
 
 from jobs import data, demo, prepare
+from jobs.options import add_config_arguments, config_from_args
 from ssd import config as C
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--preset", default="tiny", choices=list(C.PRESETS), help="starting preset (default: tiny)"
-    )
-    parser.add_argument("--config", metavar="FILE", help="YAML file applied on top of the preset")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field, e.g. --set train.lr=0.01 (repeatable)",
-    )
-
-
-def _config(args: argparse.Namespace) -> C.Config:
-    cfg = C.preset(args.preset)
-    if args.config:
-        cfg = C.load(args.config, base=cfg)
-    return C.override(cfg, args.overrides)
-
-
 def _cmd_config(args: argparse.Namespace) -> int:
-    print(C.to_yaml(_config(args)), end="")
+    print(C.to_yaml(config_from_args(args)), end="")
     return 0
 
 
@@ -77,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a resolved config as YAML",
         description="Resolve preset + YAML file + --set overrides and print the result.",
     )
-    _add_config_arguments(config)
+    add_config_arguments(config)
     config.set_defaults(func=_cmd_config)
 
     presets = sub.add_parser("presets", help="list the model presets", description="List the model presets.")

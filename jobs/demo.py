@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from jobs.options import add_config_arguments, config_from_args
 from ssd import config as C
 from ssd.anchors import default_boxes
 from ssd.evaluate import CocoEvaluator
@@ -30,21 +31,13 @@ SCENE_SIZE = 160  # pixels of the drawn scenes; the model sees them resized
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="config preset (default: tiny)")
+    add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=400, help="training steps (default: 400)")
     parser.add_argument(
         "--train-images", type=int, default=1024, help="synthetic training scenes (default: 1024)"
     )
     parser.add_argument("--val-images", type=int, default=64, help="held-out scenes for mAP (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed for scenes and weights (default: 0)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.batch_size=16 (repeatable)",
-    )
 
 
 def _scenes(count: int, seed: int, size: int) -> tuple[torch.Tensor, list, list, list]:
@@ -83,7 +76,7 @@ def _coco_ground_truth(raw_boxes: list, labels: list) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    cfg = C.override(C.preset(args.preset), [f"model.num_classes={len(CLASS_NAMES) + 1}", *args.overrides])
+    cfg = C.override(config_from_args(args), [f"model.num_classes={len(CLASS_NAMES) + 1}"])
     if args.steps < 1 or args.train_images < 1 or args.val_images < 1:
         raise C.ConfigError("--steps, --train-images and --val-images must be >= 1")
     torch.manual_seed(args.seed)

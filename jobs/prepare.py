@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from ssd import config as C
+from jobs.options import add_config_arguments, config_from_args
 
 DESCRIPTION = """Validate a detection dataset (COCO annotation file, Pascal VOC root or image
 folder, local path or URI), match every image to the preset's default boxes on Ray workers,
@@ -27,18 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="COCO annotation .json, Pascal VOC root, or image folder (path or URI)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for Parquet shards")
-    parser.add_argument(
-        "--preset", default="tiny", choices=list(C.PRESETS), help="model preset (default: tiny)"
-    )
-    parser.add_argument("--config", metavar="FILE", help="YAML file applied on top of the preset")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (repeatable)",
-    )
+    add_config_arguments(parser)
     parser.add_argument(
         "--splits",
         default="train,val",
@@ -67,10 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     from pipelines.datasets import detect_source
     from pipelines.prepare import prepare
 
-    cfg = C.preset(args.preset)
-    if args.config:
-        cfg = C.load(args.config, base=cfg)
-    cfg = C.override(cfg, args.overrides)
+    cfg = config_from_args(args)
     splits = tuple(None if s.strip() == "all" else s.strip() for s in args.splits.split(",") if s.strip())
     if not splits:
         raise ValueError("--splits needs at least one split name")
