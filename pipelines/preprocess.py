@@ -58,10 +58,14 @@ class SamplePreprocessor:
     Boxes flagged ``ignore`` (COCO crowd, VOC difficult) are left out of the targets.
     """
 
-    def __init__(self, config: dict[str, Any], train: bool, epoch: int = 0, threads: int = 1):
+    def __init__(self, config: dict[str, Any], train: bool, epoch: int | str = 0, threads: int = 1):
         self.cfg = C.from_dict(config)
         self.train = train and self.cfg.data.augment
-        self.epoch = epoch
+        self.epoch = 0
+        # an int fixes the epoch; a str names an `EpochClock` actor the training loop advances
+        self.clock = _clock_handle(epoch) if isinstance(epoch, str) else None
+        if isinstance(epoch, int):
+            self.epoch = epoch
         self.size = self.cfg.model.image_size
         self.default_boxes = default_boxes(self.cfg)
         self.matcher = GridMatcher.from_config(self.cfg, self.default_boxes)
@@ -81,6 +85,10 @@ class SamplePreprocessor:
         return resized, unit_boxes, labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.clock is not None and self.train:
+            import ray
+
+            self.epoch = int(ray.get(self.clock.get.remote()))
         rows = [
             {key: batch[key][i] for key in ("image_id", "path", "boxes", "labels", "ignore")}
             for i in range(len(batch["image_id"]))
@@ -102,20 +110,55 @@ class SamplePreprocessor:
         }
 
 
+class EpochClock:
+    """The current epoch, held by a named actor so that data workers seed augmentation by
+    epoch: Ray Data runs the pipeline afresh each epoch, in workers that don't know which.
+    Create with `start_epoch_clock`; the training loop calls ``set`` before each epoch."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+
+def start_epoch_clock(name: str) -> Any:
+    """Create (or find) the named `EpochClock` actor; returns its handle."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(EpochClock)
+    return actor.options(name=name, get_if_exists=True).remote()
+
+
+def _clock_handle(name: str) -> Any:
+    import ray
+
+    try:
+        return ray.get_actor(name)
+    except ValueError as exc:
+        raise ValueError(
+            f"no epoch clock actor named {name!r}: call start_epoch_clock({name!r}) first"
+        ) from exc
+
+
 def preprocess(
     ds: Any,
     cfg: C.Config,
     *,
     train: bool,
-    epoch: int = 0,
+    epoch: int | str = 0,
     batch_size: int = 32,
     workers: tuple[int, int] = (1, 2),
     num_cpus: float = 1.0,
 ) -> Any:
     """Lazily map a source `ray.data.Dataset` to training samples (see module docstring).
 
-    `workers` is the (min, max) size of the autoscaling actor pool; `num_cpus` per worker
-    may be fractional to share CPUs with co-located trainers.
+    `epoch` is a fixed epoch or the name of an `EpochClock`; `workers` is the (min, max)
+    size of the autoscaling actor pool; `num_cpus` per worker may be fractional to share
+    CPUs with co-located trainers.
     """
     from ray.data import ActorPoolStrategy
 

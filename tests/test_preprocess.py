@@ -118,3 +118,29 @@ def test_class_targets_use_the_smallest_exact_dtype(num_classes, dtype):
     from pipelines.preprocess import class_target_dtype
 
     assert class_target_dtype(num_classes) == dtype
+
+
+def test_an_epoch_clock_reseeds_augmentation_per_epoch_and_repeats_an_epoch(ray_local, tmp_path):
+    from pipelines.preprocess import start_epoch_clock
+
+    rows = make_rows(tmp_path, count=4)
+    clock = start_epoch_clock("test-epoch-clock")
+    ds = preprocess(
+        ray_local.data.from_items(rows), CFG, train=True, epoch="test-epoch-clock", workers=(1, 1)
+    )
+
+    def images():
+        return {int(r["image_id"]): r["image"] for r in ds.take_all()}
+
+    first = images()
+    ray_local.get(clock.set.remote(1))
+    second = images()
+    ray_local.get(clock.set.remote(0))
+    again = images()
+    assert all(np.array_equal(first[i], again[i]) for i in first)
+    assert any(not np.array_equal(first[i], second[i]) for i in first)
+
+
+def test_a_missing_epoch_clock_is_named_in_the_error(ray_local):
+    with pytest.raises(ValueError, match="no-such-clock"):
+        SamplePreprocessor(C.to_dict(CFG), train=True, epoch="no-such-clock")
