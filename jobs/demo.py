@@ -75,39 +75,17 @@ def _coco_ground_truth(raw_boxes: list, labels: list) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> dict:
-    cfg = C.override(config_from_args(args), [f"model.num_classes={len(CLASS_NAMES) + 1}"])
-    if args.steps < 1 or args.train_images < 1 or args.val_images < 1:
-        raise C.ConfigError("--steps, --train-images and --val-images must be >= 1")
-    torch.manual_seed(args.seed)
-    size, batch = cfg.model.image_size, cfg.train.batch_size
-    print(
-        f"preset {cfg.name}: {size}px input, {cfg.anchors.num_default_boxes()} default boxes, "
-        f"{len(CLASS_NAMES)} classes {CLASS_NAMES}"
-    )
-
-    start = time.perf_counter()
-    train_images, train_boxes, train_labels, _ = _scenes(args.train_images, args.seed, size)
-    val_images, _, val_labels, val_raw = _scenes(args.val_images, args.seed + 1, size)
-    dboxes = default_boxes(cfg)
-    matcher = GridMatcher.from_config(cfg, dboxes)
-    cls_t, loc_t = encode_targets_batch(train_boxes, train_labels, dboxes, cfg.train.iou_threshold, matcher)
-    print(
-        f"drew {args.train_images} + {args.val_images} scenes and matched them in "
-        f"{time.perf_counter() - start:.1f}s ({float((cls_t > 0).sum(1).float().mean()):.1f} positives/image)"
-    )
-
-    if cfg.data.augment:
-        print("note: the demo trains on fixed scenes; augmentation (data.augment) runs in the data pipeline")
-    model = build_ssd(cfg).train()
+def _train(model, cfg: C.Config, images, cls_t, loc_t, steps: int, seed: int) -> float:
+    """`steps` SGD/AdamW steps on random batches of the fixed scenes; returns images/s."""
+    batch, count = cfg.train.batch_size, images.shape[0]
     optimiser = build_optimizer(model, cfg.train)
-    steps_per_epoch = max(1, args.train_images // batch)
-    generator = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = max(1, count // batch)
+    generator = torch.Generator().manual_seed(seed)
     seen, clock = 0, time.perf_counter()
-    for step in range(args.steps):
-        idx = torch.randint(0, args.train_images, (batch,), generator=generator)
-        set_learning_rate(optimiser, learning_rate(cfg.train, step, args.steps, steps_per_epoch))
-        cls_logits, loc_preds = model(train_images[idx])
+    for step in range(steps):
+        idx = torch.randint(0, count, (batch,), generator=generator)
+        set_learning_rate(optimiser, learning_rate(cfg.train, step, steps, steps_per_epoch))
+        cls_logits, loc_preds = model(images[idx])
         losses = multibox_loss(
             cls_logits, loc_preds, cls_t[idx], loc_t[idx], cfg.train.neg_pos_ratio, cfg.train.loc_weight
         )
@@ -117,27 +95,31 @@ def run(args: argparse.Namespace) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
         optimiser.step()
         seen += batch
-        if step % 25 == 0 or step == args.steps - 1:
+        if step % 25 == 0 or step == steps - 1:
             rate = seen / (time.perf_counter() - clock)
             print(
-                f"step {step + 1:4d}/{args.steps}  loss {losses['loss'].item():6.3f}  "
+                f"step {step + 1:4d}/{steps}  loss {losses['loss'].item():6.3f}  "
                 f"(cls {losses['cls'].item():.3f}, loc {losses['loc'].item():.3f})  {rate:5.1f} img/s",
                 flush=True,
             )
-    train_rate = seen / (time.perf_counter() - clock)
+    return seen / (time.perf_counter() - clock)
 
+
+def _evaluate(model, cfg: C.Config, images, ground_truth: dict, dboxes) -> dict:
+    """COCO mAP of the model's detections on `images` (drawn at SCENE_SIZE px)."""
     model.eval()
-    evaluator = CocoEvaluator(_coco_ground_truth(val_raw, val_labels))
-    inf = cfg.inference
+    evaluator = CocoEvaluator(ground_truth)
+    inf, batch = cfg.inference, cfg.train.batch_size
     with torch.inference_mode():
-        for first in range(0, args.val_images, batch):
-            chunk = val_images[first : first + batch]
+        for first in range(0, images.shape[0], batch):
+            chunk = images[first : first + batch]
             cls_logits, loc_preds = model(chunk)
+            sizes = [(SCENE_SIZE, SCENE_SIZE)] * len(chunk)
             detections = postprocess(
                 cls_logits,
                 loc_preds,
                 dboxes,
-                [(SCENE_SIZE, SCENE_SIZE)] * len(chunk),
+                sizes,
                 inf.score_threshold,
                 inf.nms_threshold,
                 inf.topk_candidates,
@@ -149,7 +131,34 @@ def run(args: argparse.Namespace) -> dict:
                 [d["scores"] for d in detections],
                 [d["labels"] for d in detections],
             )
-    metrics = evaluator.summarize()
+    return evaluator.summarize()
+
+
+def run(args: argparse.Namespace) -> dict:
+    cfg = C.override(config_from_args(args), [f"model.num_classes={len(CLASS_NAMES) + 1}"])
+    if args.steps < 1 or args.train_images < 1 or args.val_images < 1:
+        raise C.ConfigError("--steps, --train-images and --val-images must be >= 1")
+    torch.manual_seed(args.seed)
+    size = cfg.model.image_size
+    print(
+        f"preset {cfg.name}: {size}px input, {cfg.anchors.num_default_boxes()} default boxes, "
+        f"{len(CLASS_NAMES)} classes {CLASS_NAMES}"
+    )
+    start = time.perf_counter()
+    train_images, train_boxes, train_labels, _ = _scenes(args.train_images, args.seed, size)
+    val_images, _, val_labels, val_raw = _scenes(args.val_images, args.seed + 1, size)
+    dboxes = default_boxes(cfg)
+    matcher = GridMatcher.from_config(cfg, dboxes)
+    cls_t, loc_t = encode_targets_batch(train_boxes, train_labels, dboxes, cfg.train.iou_threshold, matcher)
+    print(
+        f"drew {args.train_images} + {args.val_images} scenes and matched them in "
+        f"{time.perf_counter() - start:.1f}s ({float((cls_t > 0).sum(1).float().mean()):.1f} positives/image)"
+    )
+    if cfg.data.augment:
+        print("note: the demo trains on fixed scenes; augmentation (data.augment) runs in the data pipeline")
+    model = build_ssd(cfg).train()
+    train_rate = _train(model, cfg, train_images, cls_t, loc_t, args.steps, args.seed)
+    metrics = _evaluate(model, cfg, val_images, _coco_ground_truth(val_raw, val_labels), dboxes)
     print(
         f"held-out mAP@[.5:.95] {metrics['map']:.3f}  mAP@0.5 {metrics['map50']:.3f}  "
         f"(training {train_rate:.1f} img/s, {time.perf_counter() - start:.0f}s in all)"
