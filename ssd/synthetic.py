@@ -5,8 +5,9 @@ image side and aspect ratios 1:3..3:1, so every feature map and default-box shap
 SSD preset gets work. The clutter is built to look like objects to a lazy detector and
 not to a careful one: smooth colour fields, stripe and checker textures, soft-edged blobs,
 scribbles and straight lines (under and over the objects), all without a crisp filled
-outline. Objects overlap; an object showing less than `MIN_VISIBLE` of its own pixels
-loses its box. A share of the scenes are crowds of many small objects on a jittered grid.
+outline. Objects overlap (drawn largest first, so small ones partly cover big ones); an
+object showing less than `MIN_VISIBLE` of its own pixels loses its box. A share of the
+scenes are crowds of many small objects on a jittered grid.
 
 Everything is a function of the `np.random.Generator` passed in, so a seeded generator
 gives the same pixels and boxes on every run. Used by the core demo, the tests and the
@@ -24,11 +25,11 @@ MAX_OBJECT_FRACTION = 0.85  # largest √(w·h)
 MAX_ASPECT = 3.0  # w/h within [1/3, 3]
 MIN_SIDE_FRACTION = 0.05  # shorter side at least this: a 3:1 shape of 8 % would be 4.6 %
 MAX_SIDE_FRACTION = 0.95  # longer side at most this, so every object lies inside the image
-MIN_VISIBLE = 0.5  # share of an object's own pixels that must show for its box to be kept
+MIN_VISIBLE = 0.7  # share of an object's own pixels that must show for its box to be kept
 CROWD_PROBABILITY = 0.15  # share of scenes that are crowds of small objects
 CROWD_SIZE = (0.08, 0.18)  # √(w·h) range of crowd objects, fractions of the side
-OCCLUDE_PROBABILITY = 0.4  # in ordinary scenes, chance an object is put over an earlier one
-MIN_CONTRAST = 90.0  # RGB distance between an object's colour and what it covers
+OCCLUDE_PROBABILITY = 0.25  # in ordinary scenes, chance an object is put over an earlier one
+MIN_CONTRAST = 110.0  # RGB distance between an object's colour and what it covers
 NOISE_SIGMA = 5.0  # per-pixel sensor noise over the finished scene, uint8 units
 RING_THICKNESS = 0.3  # ring width, fraction of the half-width (and half-height)
 
@@ -46,32 +47,36 @@ def make_scene(
     Labels are 1..len(CLASS_NAMES) (0 is background). An ordinary scene holds 1..max_objects
     objects of any size; a crowd scene (probability `CROWD_PROBABILITY`) holds
     2·max_objects..4·max_objects small ones. Boxes are the tight, integer pixel extents of
-    each whole shape (also of its hidden part), listed in drawing order, without the boxes of
-    objects showing less than `min_visible` of their own pixels; N may be 0. `min_visible`
-    changes no pixel, only which boxes are kept.
+    each whole shape (also of its hidden part), largest first (the drawing order), without
+    the boxes of objects showing less than `min_visible` of their own pixels; N may be 0.
+    `min_visible` changes no pixel, only which boxes are kept.
     """
     canvas = _background(rng, height, width)
-    _clutter(canvas, rng, count=int(rng.integers(2, 7)))
+    _clutter(canvas, rng, count=int(rng.integers(1, 5)))
     if rng.random() < CROWD_PROBABILITY:
         layout = _crowd_layout(rng, height, width, int(rng.integers(2 * max_objects, 4 * max_objects + 1)))
     else:
         layout = _scattered_layout(rng, height, width, int(rng.integers(1, max_objects + 1)))
+    # Largest first, as a painter would: small objects cover part of big ones instead of
+    # big ones swallowing small ones whole (which would leave unlabelled fragments).
+    layout.sort(key=lambda item: (item[1][2] - item[1][0]) * (item[1][3] - item[1][1]), reverse=True)
     owner = np.full((height, width), -1, dtype=np.int32)  # which object each pixel shows
     boxes, labels, own_pixels = [], [], []
     for label, box in layout:
-        mask = _shape_mask(label, box, height, width, rng)
+        mask, (x0, y0) = _shape_mask(label, box, rng)  # drawn in the box's own window only
         if not mask.any():
             continue
-        _paint(canvas, mask, box, rng)
-        owner[mask] = len(boxes)
+        window = (slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1]))
+        _paint(canvas[window], mask, rng)
+        owner[window][mask] = len(boxes)
         ys, xs = np.nonzero(mask)
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        boxes.append([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1])
         labels.append(label)
-        own_pixels.append(int(mask.sum()))
+        own_pixels.append(len(xs))
     _lines(canvas, rng, count=int(rng.integers(0, 3)), max_width=1)  # thin clutter over objects
     visible = np.bincount(owner[owner >= 0], minlength=len(boxes))
     keep = visible >= min_visible * np.asarray(own_pixels, dtype=np.float64)
-    canvas += rng.normal(0.0, NOISE_SIGMA, size=canvas.shape).astype(np.float32)
+    canvas += NOISE_SIGMA * rng.standard_normal(canvas.shape, dtype=np.float32)
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     boxes_arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)[keep]
     return image, boxes_arr, np.asarray(labels, dtype=np.int64).reshape(-1)[keep]
@@ -136,13 +141,15 @@ def _label(rng: np.random.Generator) -> int:
 # --- objects -------------------------------------------------------------------------------
 
 
-def _shape_mask(
-    label: int, box: list[float], height: int, width: int, rng: np.random.Generator
-) -> np.ndarray:
-    """bool [H, W]: the pixels of shape `label` filling `box` (xyxy pixels)."""
-    x1, y1 = round(box[0]), round(box[1])
-    x2, y2 = max(x1 + 1, round(box[2])) - 1, max(y1 + 1, round(box[3])) - 1  # inclusive
-    mask = Image.new("1", (width, height))
+def _shape_mask(label: int, box: list[float], rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int]]:
+    """The pixels of shape `label` filling `box` (xyxy pixels inside the image).
+
+    Returns bool [h, w] over the box's window and the window's top-left (x0, y0) pixel.
+    """
+    x0, y0 = round(box[0]), round(box[1])
+    x2, y2 = max(x0 + 1, round(box[2])) - 1 - x0, max(y0 + 1, round(box[3])) - 1 - y0  # inclusive
+    x1, y1 = 0, 0
+    mask = Image.new("1", (x2 + 1, y2 + 1))
     draw = ImageDraw.Draw(mask)
     name = CLASS_NAMES[label - 1]
     if name == "ellipse":
@@ -150,7 +157,7 @@ def _shape_mask(
     elif name == "rectangle":
         draw.rectangle([x1, y1, x2, y2], fill=1)
     elif name == "triangle":
-        draw.polygon(_triangle(x1, y1, x2, y2, int(rng.integers(4))), fill=1)
+        draw.polygon(_triangle(x1, y1, x2, y2, pointing_up=bool(rng.random() < 0.5)), fill=1)
     elif name == "cross":  # two bars a third of the box thick
         tw, th = (x2 - x1) / 3, (y2 - y1) / 3
         draw.rectangle([x1, round(y1 + th), x2, round(y2 - th)], fill=1)
@@ -160,31 +167,29 @@ def _shape_mask(
         dx, dy = RING_THICKNESS * (x2 - x1) / 2, RING_THICKNESS * (y2 - y1) / 2
         if x2 - x1 - 2 * dx >= 1 and y2 - y1 - 2 * dy >= 1:
             draw.ellipse([x1 + dx, y1 + dy, x2 - dx, y2 - dy], fill=0)
-    return np.asarray(mask, dtype=bool)
+    return np.asarray(mask, dtype=bool), (x0, y0)
 
 
-def _triangle(x1: int, y1: int, x2: int, y2: int, apex: int) -> list[tuple[float, float]]:
-    """Isosceles triangle filling the box, apex at the top, right, bottom or left (0..3)."""
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    return [
-        [(x1, y2), (cx, y1), (x2, y2)],
-        [(x1, y1), (x2, cy), (x1, y2)],
-        [(x1, y1), (cx, y2), (x2, y1)],
-        [(x2, y1), (x1, cy), (x2, y2)],
-    ][apex]
+def _triangle(x1: int, y1: int, x2: int, y2: int, pointing_up: bool) -> list[tuple[float, float]]:
+    """Isosceles triangle filling the box, apex at the middle of the top or bottom side."""
+    cx = (x1 + x2) / 2
+    if pointing_up:
+        return [(x1, y2), (cx, y1), (x2, y2)]
+    return [(x1, y1), (cx, y2), (x2, y1)]
 
 
-def _paint(canvas: np.ndarray, mask: np.ndarray, box: list[float], rng: np.random.Generator) -> None:
-    """Fill `mask` of canvas float32 [H, W, 3] with a colour that stands out, lightly shaded."""
+def _paint(canvas: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
+    """Fill `mask` bool [h, w] of canvas float32 [h, w, 3] (a window, changed in place) with a
+    colour that stands out from what it covers, lightly shaded."""
     under = canvas[mask].mean(axis=0)  # [3]
     candidates = rng.integers(0, 256, size=(8, 3)).astype(np.float32)
     distance = np.linalg.norm(candidates - under, axis=1)
     passing = np.flatnonzero(distance >= MIN_CONTRAST)
     colour = candidates[passing[0] if len(passing) else int(np.argmax(distance))]
     ys, xs = np.nonzero(mask)
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    gx, gy = rng.uniform(-20, 20, size=2) / max(box[2] - box[0], box[3] - box[1], 1.0)
-    shade = (xs - cx) * gx + (ys - cy) * gy  # [P], a gentle light gradient across the shape
+    h, w = mask.shape
+    gx, gy = rng.uniform(-20, 20, size=2) / max(h, w)
+    shade = (xs - w / 2) * gx + (ys - h / 2) * gy  # [P], a gentle light gradient across the shape
     canvas[ys, xs] = colour + shade[:, None]
 
 
@@ -200,7 +205,8 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     )
     kind = int(rng.integers(3))  # 0 plain, 1 stripes, 2 checker
     if kind:
-        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        yy = np.arange(height, dtype=np.float32)[:, None]  # [H, 1], broadcasts to [H, W]
+        xx = np.arange(width, dtype=np.float32)[None, :]
         angle, period = rng.uniform(0, np.pi), rng.uniform(4, 24)
         u = (xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period
         texture = np.sin(u)
@@ -214,12 +220,14 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 def _clutter(canvas: np.ndarray, rng: np.random.Generator, count: int) -> None:
     """Soft-edged blobs, scribbles and lines under the objects (no crisp filled outline)."""
     height, width = canvas.shape[:2]
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    x, y = np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)
     for _ in range(int(rng.integers(1, 5))):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
         sx, sy = rng.uniform(0.03, 0.25) * width, rng.uniform(0.03, 0.25) * height
-        alpha = np.exp(-0.5 * (((xx - cx) / sx) ** 2 + ((yy - cy) / sy) ** 2)) * rng.uniform(0.4, 0.9)
-        canvas += alpha[..., None] * (rng.uniform(0, 255, size=3) - canvas)
+        # A Gaussian is separable: exp(-(dx² + dy²)/2) = exp(-dx²/2)·exp(-dy²/2).
+        gx, gy = np.exp(-0.5 * ((x - cx) / sx) ** 2), np.exp(-0.5 * ((y - cy) / sy) ** 2)
+        alpha = np.outer(gy * rng.uniform(0.4, 0.9), gx).astype(np.float32)  # [H, W]
+        canvas += alpha[..., None] * (rng.uniform(0, 255, size=3).astype(np.float32) - canvas)
     _lines(canvas, rng, count=count, max_width=3)
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)

@@ -3,6 +3,7 @@ preset needs, occlusion and crowds, idempotent writes, and the CLI."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -17,9 +18,11 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from jobs import data
 from pipelines.builtin import CATEGORY_IDS, MANIFEST, scene, write_builtin
 from ssd import config as C
 from ssd.anchors import default_boxes
+from ssd.evaluate import category_id_to_label
 from ssd.matching import match
 from ssd.synthetic import CLASS_NAMES, make_scene
 
@@ -47,14 +50,15 @@ def small(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def many_boxes() -> tuple[np.ndarray, np.ndarray]:
-    """xyxy pixel boxes [N, 4] and labels [N] of 300 train scenes, drawn as write_builtin draws them."""
-    boxes, labels = [], []
-    for index in range(300):
-        _, b, lab = scene(0, "train", index, SIZE)
-        boxes.append(b)
-        labels.append(lab)
-    return np.concatenate(boxes), np.concatenate(labels)
+def scenes() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(boxes [N, 4] xyxy pixels, labels [N]) of 300 train scenes, drawn as write_builtin draws them."""
+    return [scene(0, "train", index, SIZE)[1:] for index in range(300)]
+
+
+@pytest.fixture(scope="module")
+def many_boxes(scenes) -> tuple[np.ndarray, np.ndarray]:
+    """All boxes [N, 4] and labels [N] of `scenes`, concatenated."""
+    return np.concatenate([b for b, _ in scenes]), np.concatenate([lab for _, lab in scenes])
 
 
 def test_same_seed_gives_byte_identical_files(small, tmp_path):
@@ -140,19 +144,29 @@ def test_every_feature_map_and_default_box_shape_of_tiny_gets_positives(many_box
     assert used == set(shape_ids)  # 5 maps, 4 or 6 shapes each: 24 (map, shape) pairs
 
 
-def test_scenes_hold_occlusion_and_crowds(many_boxes):
-    per_image = [scene(0, "train", index, SIZE)[1] for index in range(300)]
-    counts = np.array([len(b) for b in per_image])
+def test_scenes_hold_occlusion_and_crowds(scenes):
+    counts = np.array([len(b) for b, _ in scenes])
     assert counts.max() >= 16 and (counts >= 12).mean() > 0.05  # crowd scenes
     overlapping = 0
-    for b in per_image:
+    for b, _ in scenes:
         t = torch.from_numpy(b)
         lt = torch.max(t[:, None, :2], t[None, :, :2])  # [N, N, 2]
         rb = torch.min(t[:, None, 2:], t[None, :, 2:])
         inter = (rb - lt).clamp(min=0).prod(-1).fill_diagonal_(0)  # [N, N]
-        area = (t[:, 2:] - t[:, :2]).prod(-1)
+        area = (t[:, 2:] - t[:, :2]).prod(-1)  # [N]
         overlapping += int(bool((inter / torch.min(area[:, None], area[None, :]) > 0.25).any()))
-    assert overlapping > 0.3 * len(per_image)
+    assert overlapping > 0.3 * len(scenes)
+
+
+def test_json_boxes_and_category_ids_round_trip_to_the_generator(small):
+    coco = _coco(small, "val")
+    to_label = category_id_to_label(coco)  # ssd.evaluate's rule: k-th id in sorted order
+    for image in coco["images"]:
+        _, boxes, labels = scene(0, "val", image["id"] - 1, SIZE)
+        anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+        np.testing.assert_array_equal(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), boxes)
+        assert [to_label[a["category_id"]] for a in anns] == labels.tolist()
 
 
 def test_a_mostly_hidden_object_loses_its_box():
@@ -234,3 +248,18 @@ def test_cli_refusal_is_a_one_line_error(tmp_path):
     command = [sys.executable, "-m", "jobs.data", "builtin", "--out", str(tmp_path), "--train-images", "2"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "not a built-in dataset" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_register_adds_data_builtin_to_a_rayssd_style_parser(tmp_path):
+    parser = argparse.ArgumentParser(prog="rayssd")
+    data.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", "builtin", "--out", str(tmp_path / "ds"), "--train-images", "3"])
+    assert (args.command, args.data_command, args.train_images, args.val_images) == (
+        "data",
+        "builtin",
+        3,
+        500,
+    )
+    args.val_images = 2
+    assert args.func(args) == 0
+    assert len(list((tmp_path / "ds").glob("*/images/*.jpg"))) == 5
