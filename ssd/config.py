@@ -114,6 +114,7 @@ class TrainConfig:
     iou_threshold: float = IOU_THRESHOLD
     num_workers: int = 2
     seed: int = 0
+    eval_every: int = 1  # epochs between COCO evaluations on the val split (and always at the end)
 
 
 @dataclass(frozen=True)
@@ -404,6 +405,7 @@ def validate(cfg: Config) -> Config:
         (0 < a.min_scale < a.max_scale, "anchors.min_scale", "must satisfy 0 < min_scale < max_scale"),
         (t.lr > 0, "train.lr", f"must be > 0, got {t.lr}"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
+        (t.eval_every >= 1, "train.eval_every", "must be >= 1 (epochs between evaluations)"),
         (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (
             t.batch_size >= 2 or m.backbone == "vgg16",

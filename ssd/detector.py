@@ -1,0 +1,67 @@
+"""A trained SSD as a detector: network + default boxes + post-processing, in one call.
+
+Shared by evaluation during training, `rayssd evaluate`, batch labelling and serving, so
+every path turns network outputs into boxes the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ssd import config as C
+from ssd.anchors import default_boxes
+from ssd.postprocess import postprocess
+
+
+class Detector:
+    """Callable: uint8 images [B, 3, S, S] (already resized to the model's input) and their
+    original sizes → detections in original pixels.
+
+    The model is used as given (pass the bare module, not a DDP wrapper) and put in eval
+    mode for the call, then back into the mode it was in.
+    """
+
+    def __init__(self, model: nn.Module, cfg: C.Config) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.default_boxes = default_boxes(cfg)  # [A, 4] cxcywh in [0, 1]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __call__(
+        self,
+        images: Tensor,
+        image_sizes: Sequence[tuple[int, int]] | Tensor,
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """images: uint8 Tensor[B, 3, S, S]; image_sizes: B pairs (height, width) in pixels.
+
+        Returns B dicts with ``boxes`` float32 [K, 4] xyxy original pixels, ``scores`` [K]
+        descending and ``labels`` int64 [K] in 1..num_classes-1, on the CPU. Thresholds
+        default to ``cfg.inference``.
+        """
+        inf = self.cfg.inference
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                cls_logits, loc_preds = self.model(images.to(self.device, non_blocking=True))
+                detections = postprocess(
+                    cls_logits.float(),
+                    loc_preds.float(),
+                    self.default_boxes.to(cls_logits.device),
+                    image_sizes=image_sizes,
+                    score_threshold=inf.score_threshold if score_threshold is None else score_threshold,
+                    nms_threshold=inf.nms_threshold,
+                    topk_candidates=inf.topk_candidates,
+                    max_detections=inf.max_detections if max_detections is None else max_detections,
+                )
+        finally:
+            self.model.train(was_training)
+        return [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()} for d in detections]
