@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import data, demo, prepare
+from jobs import data, demo, prepare, train
 from jobs.options import add_config_arguments, config_from_args
 from ssd import config as C
 
@@ -29,6 +29,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    train.run(args)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     demo.run(args)
     return 0
@@ -38,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rayssd",
         description="rayssd: SSD (Single Shot MultiBox Detector) on Ray. "
-        "Today: datasets (data builtin, prepare), the core detector (demo), configs and presets.",
+        "Commands: data builtin, prepare, train, demo, config, presets.",
         epilog="Run `rayssd COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -71,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.add_arguments(prepare_parser)
     prepare_parser.set_defaults(func=_cmd_prepare)
+
+    train_parser = sub.add_parser(
+        "train",
+        help="train with Ray Train (DDP workers, Ray Data input, checkpoints, MLflow)",
+        description=train.DESCRIPTION,
+    )
+    train.add_arguments(train_parser)
+    train_parser.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -27,6 +27,10 @@ from ssd.transforms import eval_transform, rng_for, train_transform
 
 log = logging.getLogger(__name__)
 
+# Named actors (epoch clock, progress board) live here, so that the driver, Ray Train workers
+# and Ray Data workers (each in their own job namespace by default) find the same ones.
+ACTOR_NAMESPACE = "rayssd"
+
 OUTPUT_COLUMNS = ("image_id", "width", "height", "image", "cls_targets", "loc_targets")
 
 
@@ -130,14 +134,14 @@ def start_epoch_clock(name: str) -> Any:
     import ray
 
     actor = ray.remote(num_cpus=0)(EpochClock)
-    return actor.options(name=name, get_if_exists=True).remote()
+    return actor.options(name=name, namespace=ACTOR_NAMESPACE, get_if_exists=True).remote()
 
 
 def _clock_handle(name: str) -> Any:
     import ray
 
     try:
-        return ray.get_actor(name)
+        return ray.get_actor(name, namespace=ACTOR_NAMESPACE)
     except ValueError as exc:
         raise ValueError(
             f"no epoch clock actor named {name!r}: call start_epoch_clock({name!r}) first"
