@@ -115,6 +115,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
             (run_start, steps_at_start),
         )
         metrics = _epoch_metrics(sums, epoch, optimizer)
+        _sync_buffers(bare)
         evaluate = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
         pictures = None
         if evaluate:
@@ -345,6 +346,15 @@ def _report(metrics, model, optimizer, cfg, dataset, epoch: int, step: int, rank
             checkpoint=ray.train.Checkpoint.from_directory(directory),
             checkpoint_dir_name=f"epoch_{epoch:04d}",
         )
+
+
+def _sync_buffers(model) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP broadcasts
+    them before each forward, so after the last forward of an epoch each rank holds the
+    statistics of its own last batch; evaluation on every rank must use the same model."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _digest(board, epoch: int, rank: int, model) -> None:
