@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import data, demo, prepare, train
+from jobs import data, demo, evaluate, prepare, train
 from jobs.options import add_config_arguments, config_from_args
 from ssd import config as C
 
@@ -34,6 +34,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    evaluate.run(args)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     demo.run(args)
     return 0
@@ -43,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rayssd",
         description="rayssd: SSD (Single Shot MultiBox Detector) on Ray. "
-        "Commands: data builtin, prepare, train, demo, config, presets.",
+        "Commands: data builtin, prepare, train, evaluate, demo, config, presets.",
         epilog="Run `rayssd COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -84,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_arguments(train_parser)
     train_parser.set_defaults(func=_cmd_train)
+
+    evaluate_parser = sub.add_parser(
+        "evaluate",
+        help="COCO mAP of a trained model (checkpoint or MLflow URI) on a labelled dataset",
+        description=evaluate.DESCRIPTION,
+    )
+    evaluate.add_arguments(evaluate_parser)
+    evaluate_parser.set_defaults(func=_cmd_evaluate)
     return parser
 
 
@@ -91,9 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except ValueError as exc:  # bad config, arguments or input data: say what, no traceback
+    except (ValueError, FileNotFoundError) as exc:  # bad config, arguments or input: say what, no traceback
         print(f"rayssd {args.command}: error: {exc}", file=sys.stderr)
         code = 2
+    except train.TrainRunError as exc:  # the workers failed beyond --max-failures; their errors are in exc
+        print(f"rayssd {args.command}: error: {exc}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

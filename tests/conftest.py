@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -22,3 +27,61 @@ def ray_local():
     ctx.print_on_execution_start = False
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (sqlite store, proxied artifacts, one worker) for the session;
+    yields its URI ``http://127.0.0.1:PORT``."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log_path = root / "server.log"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",  # two shared cores: one worker is plenty for the tests
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_health(uri, server, log_path, timeout_s=60.0)
+        yield uri
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _wait_for_health(uri: str, server: subprocess.Popen, log_path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    log_text = log_path.read_text(errors="replace")
+    pytest.fail(f"mlflow server at {uri} not healthy (exit code {server.poll()}); its log:\n{log_text}")
+
+
+@pytest.fixture
+def dead_tracking_uri() -> str:
+    """An http tracking URI on a free port nobody listens on."""
+    return f"http://127.0.0.1:{_free_port()}"
