@@ -131,6 +131,8 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         _report(metrics, bare, optimizer, cfg, settings["dataset"], epoch + 1, step, rank)
         if tracker is not None:
             _log_epoch(tracker, metrics, epoch + 1, evaluate, pictures, settings)
+            if evaluate and metrics["map"] >= best_map:
+                _log_best(tracker, bare, cfg, settings["dataset"], epoch + 1, step, metrics)
         if rank == 0 and board is not None:
             board.record_epoch.remote({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             _event(board, _epoch_line(metrics, epoch + 1, t.epochs))
@@ -382,6 +384,14 @@ def _log_epoch(tracker, metrics, epoch: int, evaluated: bool, pictures, settings
             pictures["pr_curves"], title=f"precision-recall @0.5, epoch {epoch}"
         )
         tracker.log_figure(figure, "pictures/precision_recall.png")
+
+
+def _log_best(tracker, model, cfg, dataset, epoch: int, step: int, metrics) -> None:
+    """The best model so far (by val mAP), as an inference checkpoint artifact."""
+    state = ckpt_io.make_checkpoint(model, cfg, dataset, epoch=epoch, step=step, metrics=metrics)
+    with tempfile.TemporaryDirectory(prefix="rayssd-best-") as directory:
+        tracker.log_artifact(str(ckpt_io.save(state, directory)), "checkpoints/best")
+    tracker.set_tags({"rayssd.best_epoch": str(epoch), "rayssd.best_map": f"{metrics['map']:.4f}"})
 
 
 def _relog_if_missing(tracker, metrics: dict[str, float], epoch: int) -> None:

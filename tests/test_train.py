@@ -173,7 +173,14 @@ def test_mlflow_holds_params_metrics_pictures_and_the_champion(
     assert _metric_steps(mlflow_server, run.info.run_id) == [1, 2, 3]
     assert _metric_steps(mlflow_server, run.info.run_id, "map") == [3]
     artifacts = _artifact_paths(client, run.info.run_id)
-    for expected in ("config.yaml", "pictures/val_epoch_003.png", "pictures/precision_recall.png"):
+    for expected in (
+        "config.yaml",
+        "dataset.json",
+        "pictures/val_epoch_003.png",
+        "pictures/precision_recall.png",
+        "checkpoints/best/checkpoint.pt",
+        "checkpoints/final/checkpoint.pt",
+    ):
         assert expected in artifacts, artifacts
     assert good["metrics"]["map"] > 0
     champion = client.get_model_version_by_alias(name, "champion")
