@@ -323,7 +323,8 @@ def _fit(args, p: Plan, data: dict[str, Any], tracker, cpus: float, data_cpus: f
     }
     n_val = data["num_val"]
     cuts = [n_val * r // p.workers for r in range(1, p.workers)]
-    for rank, part in enumerate(data["val_rows"].split_at_indices(cuts)):
+    parts = data["val_rows"].split_at_indices(cuts) if cuts else [data["val_rows"]]
+    for rank, part in enumerate(parts):
         datasets[f"val_{rank}"] = preprocess(part, cfg, train=False, workers=(1, 1), num_cpus=data_cpus)
     settings = {
         "config": C.to_dict(cfg),

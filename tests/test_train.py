@@ -102,7 +102,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_wa
     ray_local, builtin, tmp_path, monkeypatch, dead_tracking_uri, caplog
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_tracking_uri)
-    first = _train(_argv(builtin, tmp_path, "run", "--stop-after-epochs", "1", epochs=2))
+    first = _train(_argv(builtin, tmp_path, "run", "--stop-after-epochs", "1", "--workers", "1", epochs=2))
     assert first["epochs_done"] == 1 and [m["epoch"] for m in first["history"]] == [1.0]
     assert first["registered"] is None and first["mlflow_run_id"] is None
     assert any("without tracking" in r.getMessage() for r in caplog.records)
@@ -112,7 +112,8 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_wa
     final = ckpt_io.load(resumed["checkpoint"])
     expected_cfg = C.from_dict(json.loads((tmp_path / "run" / train_job.RUN_FILE).read_text())["config"])
     assert ckpt_io.config_of(final) == expected_cfg and expected_cfg.train.epochs == 2
-    assert final["step"] == 2 * (128 // 2 // 8)  # both epochs' steps, none repeated or lost
+    assert final["step"] == 2 * (128 // 8)  # one worker, both epochs' steps, none repeated or lost
+    assert resumed["workers"].keys() == {"0"}
     assert "map" in resumed["metrics"]  # evaluated at the end
 
 
