@@ -230,7 +230,12 @@ def _cpu_split(p: Plan, resources: dict[str, float]) -> tuple[float, float, int]
             "use fewer --workers"
         )
     data_cpus = 1.0 if total - p.workers * cpus >= 2 else 0.25
-    return cpus, data_cpus, max(1, int(cpus))
+    threads = max(1, int(cpus))
+    if p.cpus_per_worker is None and total < p.workers + 2:
+        # On a small machine the data pipeline runs ahead and then idles: let the workers'
+        # threads cover the cores (one worker on two cores trains with two threads).
+        threads = max(1, int(total // p.workers))
+    return cpus, data_cpus, threads
 
 
 def _datasets(args: argparse.Namespace, p: Plan) -> dict[str, Any]:
