@@ -1,0 +1,204 @@
+"""The served endpoint under closed-loop load against the same model called directly.
+
+    python -m benchmarks.bench_serve [--quick] [--model URI] [--clients 1,8,32] [--markdown FILE]
+
+Every figure runs the same work per image: decode a 640x480 JPEG, resize to the model's
+input (`pipelines.serving.prepare`), detect (`ssd.detector.Detector`, 1 torch thread, as one
+detector replica with 1 CPU has), at the serving default threshold.
+
+1. Direct, in this process: one image at a time (batch 1), and the serve batch size
+   (decode B images, one `Detector` call on B): images/s and per-call p50/p99 latency.
+2. `rayssd serve` on a local Ray (1 ingress replica, 1 detector replica of 1 CPU, default
+   batching) under a closed-loop load generator: C client threads, each sending the next
+   request when its answer arrives, C = 1, 8, 32: images/s, request p50/p99 latency.
+   goals: at 32 clients >= 80 % of the direct batched rate;
+          at 1 client p50 overhead over the direct batch-1 call <= 15 ms.
+The clients share the machine with the server (on 2 cores they take part of a core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import platform
+import socket
+import tempfile
+import threading
+import time
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+
+from pipelines import serving
+from pipelines.models import load_model
+from ssd import checkpoint
+from ssd import config as C
+from ssd.detector import Detector
+from ssd.model import build_ssd
+from ssd.synthetic import CLASS_NAMES, make_scene
+
+GOAL_THROUGHPUT = 0.80  # serve at 32 clients / direct at the serve batch size
+GOAL_OVERHEAD_MS = 15.0  # serve p50 at 1 client - direct p50 at batch 1
+
+
+def _tiny_model(directory: str) -> str:
+    """The `tiny` preset with seeded random weights, for the built-in classes."""
+    cfg = C.override(C.preset("tiny"), [f"model.num_classes={len(CLASS_NAMES) + 1}"])
+    torch.manual_seed(0)
+    dataset = {"class_names": list(CLASS_NAMES), "category_ids": list(range(1, len(CLASS_NAMES) + 1))}
+    ckpt = checkpoint.make_checkpoint(build_ssd(cfg).eval(), cfg, dataset, epoch=0, step=0)
+    return str(checkpoint.save(checkpoint.for_inference(ckpt), directory))
+
+
+def _image() -> bytes:
+    pixels, _, _ = make_scene(np.random.default_rng(0), height=480, width=640)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _stats(latencies: list[float], images: int, seconds: float) -> dict[str, float]:
+    ms = np.array(latencies) * 1000.0
+    return {
+        "images_per_s": images / seconds,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def bench_direct(model_uri: str, data: bytes, batch: int, calls: int) -> dict[str, float]:
+    """`calls` calls of: decode `batch` copies of the image, one Detector call on them."""
+    loaded = load_model(model_uri)
+    detector = Detector(loaded.model, loaded.cfg)
+    size, limit = loaded.cfg.model.image_size, C.ServeConfig().max_image_pixels
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # = one detector replica of 1 CPU
+    try:
+        latencies = []
+        for i in range(calls + 2):
+            start = time.perf_counter()
+            prepared = [serving.prepare(data, limit, size) for _ in range(batch)]
+            images = torch.from_numpy(np.stack([image for image, _ in prepared]))  # [B, 3, S, S]
+            detector(images, [hw for _, hw in prepared], score_threshold=serving.DEFAULT_SCORE_THRESHOLD)
+            if i >= 2:  # two warm-up calls
+                latencies.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return _stats(latencies, calls * batch, sum(latencies))
+
+
+def closed_loop(url: str, data: bytes, clients: int, seconds: float, warmup_s: float) -> dict[str, float]:
+    """`clients` threads each sending the next request as soon as its answer arrives."""
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    failures: list[int] = [0] * clients
+
+    def client(k: int) -> None:
+        session = requests.Session()
+        while (now := time.perf_counter()) < stop_at:
+            response = session.post(
+                f"{url}/detect", data=data, headers={"Content-Type": "image/jpeg"}, timeout=120
+            )
+            done = time.perf_counter()
+            if response.status_code != 200:
+                failures[k] += 1
+            elif now >= measure_from and done <= stop_at:
+                latencies[k].append(done - now)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if sum(failures):
+        raise RuntimeError(f"{sum(failures)} requests failed at {clients} clients")
+    flat = [x for per_client in latencies for x in per_client]
+    return _stats(flat, len(flat), seconds)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(model_uri: str | None, clients: list[int], quick: bool) -> dict[str, dict[str, float]]:
+    import ray
+
+    data = _image()
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="rayssd-bench-serve-") as tmp:
+        uri = model_uri or _tiny_model(tmp)
+        batch = load_model(uri).cfg.serve.max_batch_size  # what serve batches up to
+        calls = 20 if quick else 200
+        results["direct, batch 1"] = bench_direct(uri, data, 1, calls)
+        results[f"direct, batch {batch}"] = bench_direct(uri, data, batch, max(2, calls // batch))
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        try:
+            url = serving.deploy(uri, port=_free_port(), detector_cpus=1.0)
+            for c in clients:
+                seconds = 4.0 if quick else 20.0
+                results[f"serve, {c} client{'s' if c > 1 else ''}"] = closed_loop(url, data, c, seconds, 1.0)
+            results["serve stats"] = serving.stats()
+        finally:
+            serving.shutdown()
+            ray.shutdown()
+    return results
+
+
+def format_table(results: dict[str, dict], clients: list[int]) -> str:
+    lines = ["| run | images/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+    lines += [
+        f"| {name} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+        for name, r in results.items()
+        if name != "serve stats"
+    ]
+    direct = [r for name, r in results.items() if name.startswith("direct")]
+    served = {c: results[f"serve, {c} client{'s' if c > 1 else ''}"] for c in clients}
+    if max(clients) >= 32 and 1 in clients:
+        ratio = served[max(clients)]["images_per_s"] / direct[1]["images_per_s"]
+        overhead = served[1]["p50_ms"] - direct[0]["p50_ms"]
+        lines.append("")
+        lines.append(
+            f"throughput at {max(clients)} clients / direct batched: {ratio:.2f} "
+            f"(goal >= {GOAL_THROUGHPUT:.2f}: {'met' if ratio >= GOAL_THROUGHPUT else 'NOT met'})"
+        )
+        lines.append(
+            f"p50 overhead at 1 client over direct batch 1: {overhead:.1f} ms "
+            f"(goal <= {GOAL_OVERHEAD_MS:g} ms: {'met' if overhead <= GOAL_OVERHEAD_MS else 'NOT met'})"
+        )
+    stats = results["serve stats"]
+    lines.append(f"detector batch sizes seen (size: batches): {stats['batch_sizes']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="4 s per load level, few direct calls (noisy)")
+    parser.add_argument("--model", help="model URI to serve (default: tiny preset, random weights)")
+    parser.add_argument("--clients", default="1,8,32", help="closed-loop client counts (default: 1,8,32)")
+    parser.add_argument("--markdown", help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    load = os.getloadavg()[0]
+    table = format_table(run(args.model, clients, args.quick), clients)
+    header = (
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at the start, "
+        f"torch {torch.__version__}; serve: 1 ingress, 1 detector replica (1 CPU), model's serve config"
+    )
+    print(header)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(header + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

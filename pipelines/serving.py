@@ -1,0 +1,785 @@
+"""Online detection on Ray Serve: a FastAPI ingress bound to a batching detector (STYLE §8).
+
+    client ─HTTP─► Serve proxy ─► Ingress (FastAPI, N replicas) ─handle─► Detector (M replicas)
+
+The ingress checks the request, decodes the image and resizes it to the model's input
+(`ssd.transforms.eval_transform`, as `rayssd evaluate` does), then sends uint8 [3, S, S] and the
+original (height, width) to the detector. The detector stacks whatever arrived within
+``batch_wait_timeout_s`` (at most ``max_batch_size``, both retunable through ``user_config``)
+and runs `ssd.detector.Detector` once per batch. Decoding and detection scale apart.
+
+HTTP contract (every answer is JSON; errors are ``{"error": message, "status": code}``):
+
+``POST /detect`` — the image as the raw body (``Content-Type`` one of `ACCEPTED_TYPES`;
+``application/octet-stream`` or none: the format is read from the bytes) or as the one file
+part of a ``multipart/form-data`` body. Query: ``score_threshold`` in [0, 1) (default
+`DEFAULT_SCORE_THRESHOLD`), ``max_detections`` in 1..`MAX_DETECTIONS` (default the model's).
+
+* 200 ``boxes`` [[x1, y1, x2, y2], ...] in the uploaded image's own pixels (EXIF orientation
+  is not applied, as in training), ``scores`` descending, ``labels`` 1..K, ``names``,
+  ``category_ids``, ``image`` {width, height}, ``model`` {name, version, uri} and the
+  ``score_threshold`` / ``max_detections`` applied;
+* 400 empty body, bytes that are no image, a malformed multipart body;
+* 413 a body over ``max_request_bytes`` (Content-Length or actual bytes) or an image over
+  ``max_image_pixels`` (checked from the header, before decoding);
+* 415 a content type, multipart part type or image format outside `ACCEPTED_TYPES`;
+* 422 corrupt or truncated image data, a bad query parameter;
+* 503 no detector replica answered (one is being replaced): retry.
+
+``GET /healthz`` (200 when a detector replica answers, else 503), ``GET /model`` (name,
+version, config, classes, serving settings), ``GET /stats`` (`StatsBoard.summary`), and the
+OpenAPI page at ``/docs``.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
+# (`request: Request`) after Serve rewrites their signatures, and strings do not resolve there.
+import asyncio
+import io
+import logging
+import math
+import time
+import uuid
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from ray import serve
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from ssd import config as C
+from ssd.detector import Detector
+from ssd.transforms import eval_transform
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+    from pipelines.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "rayssd"
+BOARD_NAME = "rayssd-serve-stats"
+ACCEPTED_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/bmp": "BMP"}
+GENERIC_TYPES = ("", "application/octet-stream")  # no claim: the format is read from the bytes
+# Formats PIL may identify: the accepted ones plus common ones we refuse with 415 rather than
+# call "not an image". Never EPS & co., whose PIL plugins run external programs.
+IDENTIFIED_FORMATS = (*ACCEPTED_TYPES.values(), "GIF", "TIFF", "ICO")
+DEFAULT_SCORE_THRESHOLD = 0.3  # a useful answer, unlike the 0.01 kept for mAP; = the pyfunc's
+MAX_DETECTIONS = 1000
+HEALTH_TIMEOUT_S = 5.0
+INGRESS_MAX_ONGOING = 128  # the ingress mostly awaits the detector; let it hold many requests
+DETECTOR_QUEUE_BATCHES = 8  # a detector replica takes this many batches' worth of requests
+PUSH_INTERVAL_S = 0.5  # replicas send their numbers to the board this often
+KEEP_SAMPLES_S = 600.0  # the board keeps latency and batch samples this long
+# A detector replica died, is being replaced, or every replica's queue is full: the client may retry.
+UNAVAILABLE = (
+    ray.exceptions.RayActorError,
+    serve.exceptions.DeploymentUnavailableError,
+    serve.exceptions.ReplicaUnavailableError,
+    serve.exceptions.BackPressureError,
+)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the application is deployed; `from_config` takes the defaults from a `ServeConfig`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1  # detector replicas (ignored with `autoscale`)
+    autoscale: tuple[int, int] | None = None  # (min, max) detector replicas
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    max_request_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    ingress_replicas: int = 1
+    detector_cpus: float = 1.0  # per replica; torch gets max(1, int(detector_cpus)) threads
+    ingress_cpus: float = 0.5
+
+    @classmethod
+    def from_config(cls, serve_cfg: C.ServeConfig, **overrides: Any) -> "ServeSettings":
+        """`serve_cfg` with the non-None `overrides` on top."""
+        fields = {
+            "host": serve_cfg.host,
+            "port": serve_cfg.port,
+            "max_batch_size": serve_cfg.max_batch_size,
+            "batch_wait_timeout_s": serve_cfg.batch_wait_timeout_s,
+            "max_request_bytes": serve_cfg.max_request_bytes,
+            "max_image_pixels": serve_cfg.max_image_pixels,
+        }
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields).validated()
+
+    def validated(self) -> "ServeSettings":
+        checks = [
+            (1 <= self.port <= 65535, f"port must be a TCP port (1..65535), got {self.port}"),
+            (self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}"),
+            (self.ingress_replicas >= 1, f"ingress_replicas must be >= 1, got {self.ingress_replicas}"),
+            (
+                self.autoscale is None
+                or (0 <= self.autoscale[0] <= self.autoscale[1] and self.autoscale[1] >= 1),
+                f"autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale}",
+            ),
+            (self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}"),
+            (
+                self.batch_wait_timeout_s >= 0,
+                f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}",
+            ),
+            (self.max_request_bytes >= 1, f"max_request_bytes must be >= 1, got {self.max_request_bytes}"),
+            (self.max_image_pixels >= 1, f"max_image_pixels must be >= 1, got {self.max_image_pixels}"),
+            (
+                self.detector_cpus > 0 and self.ingress_cpus >= 0,
+                "detector_cpus must be > 0 and ingress_cpus >= 0",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+
+# --- request checking and decoding (ingress side) ------------------------------------------
+
+
+class RequestError(Exception):
+    """A request we refuse: the HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def check_media_type(media: str, where: str) -> None:
+    if media not in ACCEPTED_TYPES and media not in GENERIC_TYPES:
+        raise RequestError(
+            415, f"{where} type {media!r} is not accepted; send one of {', '.join(ACCEPTED_TYPES)}"
+        )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_bytes(request: Request, limit: int) -> bytes:
+    """The image's bytes from a raw or a multipart body (its format is read from the bytes)."""
+    media = media_type(request.headers.get("content-type"))
+    if media != "multipart/form-data":
+        check_media_type(media, "content")
+    body = await read_body(request, limit)
+    if not body:
+        raise RequestError(400, "empty request body; send the image bytes or a multipart file part")
+    if media != "multipart/form-data":
+        return body
+    return await _multipart_file(request.headers, body)
+
+
+async def _multipart_file(headers: Headers, body: bytes) -> bytes:
+    async def once():
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, once(), max_files=1, max_fields=8).parse()
+    except MultiPartException as exc:
+        raise RequestError(400, f"malformed multipart body: {exc.message}") from None
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if not files:
+        raise RequestError(
+            400, "multipart body has no file part; send the image as a file field, e.g. 'file'"
+        )
+    check_media_type(media_type(files[0].content_type), f"multipart part {files[0].filename or 'file'!r}")
+    data = await files[0].read()
+    await form.close()
+    if not data:
+        raise RequestError(400, "the multipart file part is empty")
+    return data
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """Image bytes → uint8 [H, W, 3] RGB, checking the pixel count from the header first."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=IDENTIFIED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise RequestError(413, f"image exceeds the limit of {max_pixels} pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+        raise RequestError(400, f"body is not an image; send one of {', '.join(ACCEPTED_TYPES)}") from None
+    with image:
+        if image.format not in ACCEPTED_TYPES.values():
+            raise RequestError(
+                415, f"{image.format} images are not accepted; send one of {', '.join(ACCEPTED_TYPES)}"
+            )
+        width, height = image.size
+        if width * height > max_pixels:
+            raise RequestError(
+                413, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+            )
+        try:
+            return np.array(image.convert("RGB"))  # as pipelines.preprocess.read_image
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise RequestError(422, f"{image.format} image data is corrupt or truncated: {exc}") from None
+
+
+def prepare(data: bytes, max_pixels: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image bytes → (uint8 [3, size, size], original (height, width))."""
+    pixels = decode(data, max_pixels)  # [H, W, 3]
+    resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), size)  # [S, S, 3]
+    return np.ascontiguousarray(resized.transpose(2, 0, 1)), pixels.shape[:2]
+
+
+def detect_params(query: Any, default_max: int) -> tuple[float, int]:
+    """(score_threshold, max_detections) from the query string; 422 naming the bad one."""
+    threshold, most = DEFAULT_SCORE_THRESHOLD, default_max
+    raw = query.get("score_threshold")
+    if raw is not None:
+        try:
+            threshold = float(raw)
+        except ValueError:
+            threshold = math.nan
+        if not 0.0 <= threshold < 1.0:
+            raise RequestError(422, f"score_threshold must be a number in [0, 1), got {raw!r}")
+    raw = query.get("max_detections")
+    if raw is not None:
+        if not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_DETECTIONS:
+            raise RequestError(422, f"max_detections must be an integer in 1..{MAX_DETECTIONS}, got {raw!r}")
+        most = int(raw)
+    return threshold, most
+
+
+# --- numbers: per replica, then one board for all ------------------------------------------
+
+
+class Recorder:
+    """One replica's counts since it started, and the samples not yet sent to the board."""
+
+    def __init__(self) -> None:
+        self.key = uuid.uuid4().hex
+        self.counts: Counter[str] = Counter()
+        self.latencies: list[tuple[float, float]] = []  # (end time s, seconds) of answered requests
+        self.batches: list[tuple[float, int]] = []  # (time s, size)
+
+    def request(self, status: int, seconds: float) -> None:
+        self.counts["requests"] += 1
+        self.counts[f"status:{status}"] += 1
+        if status == 200:  # a refusal's latency says nothing about detection
+            self.latencies.append((time.time(), seconds))
+
+    def batch(self, size: int) -> None:
+        self.counts[f"batch_size:{size}"] += 1
+        self.batches.append((time.time(), size))
+
+    def take(self) -> dict[str, Any]:
+        snapshot = {"counts": dict(self.counts), "latencies": self.latencies, "batches": self.batches}
+        self.latencies, self.batches = [], []
+        return snapshot
+
+
+class Reporter:
+    """Sends a replica's `Recorder` to the board every `PUSH_INTERVAL_S` from its event loop."""
+
+    def __init__(self, board: Any) -> None:
+        self.board = board
+        self.recorder = Recorder()
+        self._task: asyncio.Task | None = None
+        self._sent: dict[str, int] = {}
+
+    def ensure_running(self) -> None:
+        """Start the sending task (call from the replica's event loop)."""
+        if self._task is None and self.board is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            if self.recorder.counts == self._sent:
+                continue
+            snapshot = self.recorder.take()
+            try:
+                await self.board.push.remote(self.recorder.key, snapshot)
+            except ray.exceptions.RayActorError:
+                log.warning("serving stats board is gone; this replica stops reporting")
+                return
+            self._sent = dict(snapshot["counts"])
+
+
+class StatsBoard:
+    """Ray actor: the latest counts of every replica (kept after it dies) and recent samples."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+        self.pushes = 0  # samples carry the number of the push that brought them
+        self.latencies: deque[tuple[int, float, float]] = deque(maxlen=200_000)  # (push, time, s)
+        self.batches: deque[tuple[int, float, int]] = deque(maxlen=200_000)  # (push, time, size)
+
+    def push(self, replica: str, snapshot: dict[str, Any]) -> None:
+        self.pushes += 1
+        self.counts[replica] = snapshot["counts"]
+        self.latencies.extend((self.pushes, t, x) for t, x in snapshot["latencies"])
+        self.batches.extend((self.pushes, t, n) for t, n in snapshot["batches"])
+        horizon = time.time() - KEEP_SAMPLES_S
+        for samples in (self.latencies, self.batches):
+            while samples and samples[0][1] < horizon:
+                samples.popleft()
+
+    def summary(self, window_s: float | None = None, after: list | None = None) -> dict[str, Any]:
+        """Totals since deployment, plus latency (answered requests) and batch sizes of the
+        samples that arrived since `after` (the ``cursor`` of an earlier summary: each sample
+        is then reported once), else that ended in the last `window_s` seconds, else all kept.
+        """
+        now = time.time()
+        totals: Counter[str] = Counter()
+        for counts in self.counts.values():
+            totals.update(counts)
+        status = {k.split(":", 1)[1]: v for k, v in sorted(totals.items()) if k.startswith("status:")}
+        sizes = {int(k.split(":", 1)[1]): v for k, v in totals.items() if k.startswith("batch_size:")}
+        if after is not None:
+            push, since = after
+            window_s = now - since
+            latencies = [x for p, _, x in self.latencies if p > push]
+            recent = [n for p, _, n in self.batches if p > push]
+        else:
+            since = now - window_s if window_s else -math.inf
+            latencies = [x for _, t, x in self.latencies if t >= since]
+            recent = [n for _, t, n in self.batches if t >= since]
+        ms = np.array(latencies) * 1000.0
+        return {
+            "requests": totals["requests"],
+            "errors": sum(v for k, v in status.items() if int(k) >= 400),
+            "status": status,
+            "batches": sum(sizes.values()),
+            "batch_sizes": {str(k): sizes[k] for k in sorted(sizes)},
+            "window_s": window_s,
+            "answered": len(ms),
+            "latency_ms": {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)} if len(ms) else None,
+            "batch_size_mean": float(np.mean(recent)) if recent else None,
+            "batch_size_max": max(recent) if recent else None,
+            "cursor": [self.pushes, now],
+        }
+
+
+def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """`StatsBoard.summary` as MLflow metrics: ``requests``, ``errors``, ``status_<code>``,
+    ``latency_p50_ms`` .. ``latency_p99_ms``, ``requests_per_s``, ``batch_size_mean`` / ``_max``."""
+    metrics = {"requests": summary["requests"], "errors": summary["errors"], "batches": summary["batches"]}
+    metrics.update({f"status_{code}": n for code, n in summary["status"].items()})
+    for name, value in (summary["latency_ms"] or {}).items():
+        metrics[f"latency_{name}_ms"] = value
+    if summary["window_s"]:
+        metrics["requests_per_s"] = summary["answered"] / summary["window_s"]
+    for key in ("batch_size_mean", "batch_size_max"):
+        if summary[key] is not None:
+            metrics[key] = summary[key]
+    return metrics
+
+
+# --- deployments ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    image: np.ndarray  # uint8 [3, S, S]
+    size: tuple[int, int]  # original (height, width), pixels
+    score_threshold: float
+    max_detections: int
+
+
+def select(found: dict[str, torch.Tensor], score_threshold: float, max_detections: int) -> dict:
+    """One image's detections at a stricter threshold and count, as numpy arrays.
+
+    Equal to running the post-processing with these settings: candidates above a threshold
+    are a top-k prefix per class, greedy NMS only lets higher scores suppress lower ones,
+    and detections come in descending score order (exact up to ties between equal scores).
+    """
+    keep = found["scores"] > score_threshold
+    return {k: v[keep][:max_detections].numpy() for k, v in found.items()}
+
+
+@serve.deployment(name="Detector")
+class BatchedDetector:
+    """The model, once per replica; concurrent `detect` calls become one `Detector` call."""
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, board: Any) -> None:
+        from pipelines.models import load_model
+
+        torch.set_num_threads(threads)  # a replica owns its CPUs
+        loaded = load_model(model_uri, tracking_uri=tracking_uri)
+        self.detector = Detector(loaded.model, loaded.cfg)
+        self.reporter = Reporter(board)
+        self.batch_wait_timeout_s = 0.0  # set by reconfigure()
+        self._pending = 0  # detect() calls not answered yet
+        # Torch runs off the event loop, so requests keep queueing (and filling the next batch).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssd-detect")
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, applied without a restart
+        (batches above the deployment's ``max_ongoing_requests`` never fill)."""
+        self.batch_wait_timeout_s = float(user_config["batch_wait_timeout_s"])
+        self.detect_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        self.detect_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+
+    def ping(self) -> bool:
+        return True
+
+    async def detect(self, request: DetectRequest) -> dict[str, np.ndarray]:
+        """Detections of one image: ``boxes`` float32 [K, 4] xyxy original pixels, ``scores``
+        float32 [K] descending, ``labels`` int64 [K] in 1..num_classes-1."""
+        self.reporter.ensure_running()
+        # An idle replica starts at once: waiting for company that is not coming only adds
+        # latency. A busy one waits batch_wait_timeout_s for the next batch to fill. (Serve
+        # reads the timeout when a batch's first request is taken from its queue.)
+        idle = self._pending == 0
+        self.detect_batch.set_batch_wait_timeout_s(0.0 if idle else self.batch_wait_timeout_s)
+        self._pending += 1
+        try:
+            return await self.detect_batch(request)
+        finally:
+            self._pending -= 1
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced by reconfigure()
+    async def detect_batch(self, requests: list[DetectRequest]) -> list[dict[str, np.ndarray]]:
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._pool, self._run, requests)
+        self.reporter.recorder.batch(len(requests))
+        return found
+
+    def _run(self, requests: list[DetectRequest]) -> list[dict[str, np.ndarray]]:
+        images = torch.from_numpy(np.stack([r.image for r in requests]))  # [B, 3, S, S] uint8
+        # One call at the loosest settings, then each request's own (see `select`).
+        found = self.detector(
+            images,
+            [r.size for r in requests],
+            score_threshold=min(r.score_threshold for r in requests),
+            max_detections=max(r.max_detections for r in requests),
+        )
+        return [select(f, r.score_threshold, r.max_detections) for f, r in zip(found, requests)]
+
+
+app = FastAPI(
+    title="rayssd",
+    summary="SSD object detection on Ray Serve",
+    description=__doc__.split("HTTP contract", 1)[1].split("\n", 2)[2],
+)
+
+_DETECT_OPENAPI = {
+    "parameters": [
+        {
+            "name": "score_threshold",
+            "in": "query",
+            "required": False,
+            "schema": {
+                "type": "number",
+                "minimum": 0,
+                "exclusiveMaximum": 1,
+                "default": DEFAULT_SCORE_THRESHOLD,
+            },
+        },
+        {
+            "name": "max_detections",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DETECTIONS},
+        },
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in ACCEPTED_TYPES},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    },
+}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(422, str(exc.errors()))
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    """Checks, decodes and resizes on this replica; detection goes to the detector handle."""
+
+    def __init__(self, detector: "DeploymentHandle", info: dict[str, Any], board: Any) -> None:
+        self.detector = detector
+        self.info = info
+        self.limits = info["serving"]
+        self.reporter = Reporter(board)
+        self.board = board
+        # Decoding off the event loop; PIL releases the GIL while it decodes.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayssd-decode")
+
+    @app.post("/detect", openapi_extra=_DETECT_OPENAPI)
+    async def detect(self, request: Request) -> JSONResponse:
+        start, status = time.perf_counter(), 500
+        self.reporter.ensure_running()
+        try:
+            body = await self._detect(request)
+            status = 200
+            return JSONResponse(body)
+        except RequestError as exc:
+            status = exc.status
+            return _error(exc.status, exc.message)
+        except UNAVAILABLE as exc:
+            status = 503
+            log.warning("detector unavailable: %s", exc)
+            return _error(503, "no detector replica is available right now (one is restarting); retry")
+        except Exception:
+            log.exception("detect failed")  # a bug: the client gets JSON, the log the traceback
+            return _error(500, "internal error while detecting; see the server log")
+        finally:
+            self.reporter.recorder.request(status, time.perf_counter() - start)
+
+    async def _detect(self, request: Request) -> dict[str, Any]:
+        default_max = self.info["config"]["inference"]["max_detections"]
+        threshold, most = detect_params(request.query_params, default_max)
+        data = await image_bytes(request, self.limits["max_request_bytes"])
+        loop = asyncio.get_running_loop()
+        image, (height, width) = await loop.run_in_executor(
+            self._pool, prepare, data, self.limits["max_image_pixels"], self.info["input_size"]
+        )
+        found = await self.detector.detect.remote(DetectRequest(image, (height, width), threshold, most))
+        labels = found["labels"].tolist()
+        return {
+            "boxes": found["boxes"].tolist(),
+            "scores": found["scores"].tolist(),
+            "labels": labels,
+            "names": [self.info["class_names"][k - 1] for k in labels],
+            "category_ids": [self.info["category_ids"][k - 1] for k in labels],
+            "image": {"width": width, "height": height},
+            "model": {k: self.info[k] for k in ("name", "version", "uri")},
+            "score_threshold": threshold,
+            "max_detections": most,
+        }
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        async def ping() -> bool:
+            return await self.detector.ping.remote()
+
+        try:
+            await asyncio.wait_for(ping(), HEALTH_TIMEOUT_S)
+        except (asyncio.TimeoutError, *UNAVAILABLE):  # not builtin TimeoutError before 3.11
+            return _error(503, f"no detector replica answered within {HEALTH_TIMEOUT_S:g} s")
+        return JSONResponse({"status": "ok", "model": {k: self.info[k] for k in ("name", "version", "uri")}})
+
+    @app.get("/model")
+    async def model(self) -> dict[str, Any]:
+        classes = [
+            {"label": k, "name": name, "category_id": cid}
+            for k, (name, cid) in enumerate(zip(self.info["class_names"], self.info["category_ids"]), 1)
+        ]
+        keys = ("name", "version", "uri", "run_id", "input_size", "config", "serving")
+        return {**{k: self.info[k] for k in keys}, "classes": classes, "accepted_types": list(ACCEPTED_TYPES)}
+
+    @app.get("/stats")
+    async def stats(self, window_s: float | None = None) -> dict[str, Any]:
+        return await self.board.summary.remote(window_s)
+
+
+# --- the driver's side ---------------------------------------------------------------------
+
+
+def model_info(model: "LoadedModel", uri: str, settings: ServeSettings) -> dict[str, Any]:
+    """What the ingress tells clients about the model (plain values, JSON-safe)."""
+    return {
+        "name": model.name,
+        "version": model.version,
+        "uri": uri,
+        "run_id": model.run_id,
+        "input_size": model.cfg.model.image_size,
+        "config": C.to_dict(model.cfg),
+        "class_names": list(model.dataset["class_names"]),
+        "category_ids": [int(c) for c in model.dataset["category_ids"]],
+        "serving": asdict(settings),
+    }
+
+
+def build_app(model: "LoadedModel", settings: ServeSettings, board: Any, tracking_uri: str | None = None):
+    """The Serve application (ingress bound to detector) for a loaded model."""
+    from pipelines.batch_inference import pinned_uri
+
+    uri = pinned_uri(model)  # an alias that moves later must not change what new replicas load
+    s = settings
+    scaling: dict[str, Any] = {"num_replicas": s.replicas}
+    if s.autoscale is not None:
+        low, high = s.autoscale
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": low,
+                "initial_replicas": max(low, 1),
+                "max_replicas": high,
+                "target_ongoing_requests": s.max_batch_size,  # a replica's worth of full batches
+            }
+        }
+    detector = BatchedDetector.options(
+        **scaling,
+        # Requests beyond a replica's max_ongoing_requests wait in the caller's router, which
+        # retries with backoff of up to 0.5 s (Serve 2.60): the replica idles while they wait.
+        # Queue them in the replica instead, where they fill the next batch (Serve's default of
+        # 5 would also cap every batch at 5).
+        max_ongoing_requests=DETECTOR_QUEUE_BATCHES * s.max_batch_size,
+        user_config={"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
+        ray_actor_options={"num_cpus": s.detector_cpus},
+        logging_config={"enable_access_log": False},  # a line per internal call; the ingress logs requests
+    ).bind(uri, tracking_uri, max(1, int(s.detector_cpus)), board)
+    return Ingress.options(
+        num_replicas=s.ingress_replicas,
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
+        ray_actor_options={"num_cpus": s.ingress_cpus},
+    ).bind(detector, model_info(model, uri, settings), board)
+
+
+def stats_board(create: bool = False) -> Any:
+    """The named board actor (created detached with `create`), or None when there is none."""
+    from pipelines.preprocess import ACTOR_NAMESPACE
+
+    if create:
+        board = (
+            ray.remote(num_cpus=0)(StatsBoard)
+            .options(name=BOARD_NAME, namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True)
+            .remote()
+        )
+        ray.get(board.reset.remote())
+        return board
+    try:
+        return ray.get_actor(BOARD_NAME, namespace=ACTOR_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def start(
+    model: "LoadedModel",
+    settings: ServeSettings,
+    *,
+    tracking_uri: str | None = None,
+    timeout_s: float = 180.0,
+) -> str:
+    """Deploy `model` as application `APP_NAME` on the connected Ray cluster and return its URL
+    once ``/healthz`` answers there. Raises ValueError when it does not (e.g. Serve already
+    runs on this cluster with another host or port: its HTTP options cannot change)."""
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    board = stats_board(create=True)
+    serve.run(build_app(model, settings, board, tracking_uri), name=APP_NAME, route_prefix="/")
+    url = settings.url()
+    wait_until_healthy(url, timeout_s)
+    return url
+
+
+def deploy(
+    model_uri: str,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    replicas: int = 1,
+    autoscale: tuple[int, int] | None = None,
+    max_batch_size: int | None = None,
+    batch_wait_timeout_s: float | None = None,
+    max_request_bytes: int | None = None,
+    max_image_pixels: int | None = None,
+    ingress_replicas: int = 1,
+    detector_cpus: float = 1.0,
+    ingress_cpus: float = 0.5,
+    tracking_uri: str | None = None,
+) -> str:
+    """Load `model_uri` (`pipelines.models.load_model`), deploy it and return the URL; returns
+    once it answers. Settings left None come from the model's own ``serve`` config."""
+    from pipelines.models import load_model
+
+    model = load_model(model_uri, tracking_uri=tracking_uri)
+    settings = ServeSettings.from_config(
+        model.cfg.serve,
+        host=host,
+        port=port,
+        replicas=replicas,
+        autoscale=autoscale,
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        max_request_bytes=max_request_bytes,
+        max_image_pixels=max_image_pixels,
+        ingress_replicas=ingress_replicas,
+        detector_cpus=detector_cpus,
+        ingress_cpus=ingress_cpus,
+    )
+    return start(model, settings, tracking_uri=tracking_uri)
+
+
+def wait_until_healthy(url: str, timeout_s: float) -> None:
+    import requests
+
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(f"{url}/healthz", timeout=HEALTH_TIMEOUT_S + 2)
+            if response.status_code == 200 and response.json().get("status") == "ok":
+                return
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(0.5)
+    raise ValueError(
+        f"the application did not answer healthy at {url}/healthz within {timeout_s:g} s ({last}); "
+        "if Serve already runs on this cluster with another host or port, use those or shut it down"
+    )
+
+
+def stats(window_s: float | None = None, after: list | None = None) -> dict[str, Any] | None:
+    """`StatsBoard.summary` of the running application, or None when nothing is deployed."""
+    board = stats_board()
+    return None if board is None else ray.get(board.summary.remote(window_s, after))
+
+
+def shutdown() -> None:
+    """Delete the application and the stats board; stop Serve unless other applications use it."""
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)
+    if not serve.status().applications:
+        serve.shutdown()
+    board = stats_board()
+    if board is not None:
+        ray.kill(board)
