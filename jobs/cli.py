@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import data, demo, evaluate, prepare, serve, train
+from jobs import data, demo, evaluate, label, prepare, serve, train
 from jobs.options import add_config_arguments, config_from_args
 from ssd import config as C
 
@@ -39,6 +39,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    label.run(args)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     serve.run(args)
     return 0
@@ -53,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rayssd",
         description="rayssd: SSD (Single Shot MultiBox Detector) on Ray. "
-        "Commands: data builtin, prepare, train, evaluate, serve, demo, config, presets.",
+        "Commands: data builtin, prepare, train, evaluate, label, serve, demo, config, presets.",
         epilog="Run `rayssd COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -102,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_arguments(evaluate_parser)
     evaluate_parser.set_defaults(func=_cmd_evaluate)
+
+    label_parser = sub.add_parser(
+        "label",
+        help="label images with a trained model on Ray Data (Parquet + COCO results, MLflow run)",
+        description=label.DESCRIPTION,
+    )
+    label.add_arguments(label_parser)
+    label_parser.set_defaults(func=_cmd_label)
 
     serve_parser = sub.add_parser(
         "serve",

@@ -12,31 +12,105 @@
 
 `evaluate_dataset` streams those rows into one `ssd.evaluate.CocoEvaluator` on the driver:
 workers detect, one place computes mAP with pycocotools.
+
+`label_source` labels every image of a source (`pipelines.datasets.read_dataset`: an image
+folder, a COCO file or a VOC root, local or a URI): `decode_batch` tasks decode and resize,
+`BatchLabeller` actors detect, Ray Data writes Parquet, and the driver turns the Parquet into
+a COCO results file. The output directory holds (`LABEL_OUTPUTS`):
+
+    labels/*.parquet   one row per labelled image, `LABEL_SCHEMA` (plain Arrow list columns)
+    detections.json    COCO results: [{image_id, category_id, bbox [x, y, w, h] px, score}]
+    images.json        COCO image info: images [{id, file_name (path), width, height}],
+                       categories (the model's), annotations [] — ``COCO(images.json)
+                       .loadRes(detections.json)`` joins the two
+    errors.json        [{path, image_id, kind, reason}]: images not labelled, and why
+    ingest_report.json `pipelines.validation.IngestReport` of the source
+    samples.jpg        a grid of the first labelled images with their detections
+    summary.json       counts, timings, model lineage, mAP with ``evaluate``
+
+Image ids are the source's: COCO's own ids, a VOC image's place among the annotation files,
+and for an image folder 0..N-1 in sorted path order (unreadable files keep their number).
 """
 
 from __future__ import annotations
 
+import heapq
+import io
+import json
 import logging
 import math
+import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import ray
 import torch
 
-from pipelines.datasets import coco_ground_truth, detect_source, read_dataset
-from pipelines.preprocess import preprocess
+from pipelines.datasets import DatasetInfo, coco_ground_truth, detect_source, read_dataset
+from pipelines.pictures import detection_grid
+from pipelines.preprocess import preprocess, read_image
+from pipelines.sources import Location, is_image_name, list_files, resolve_location
+from pipelines.validation import IMAGE_KINDS, REPORT_FILE, IngestReport
 from ssd.detector import Detector
-from ssd.evaluate import CocoEvaluator
+from ssd.evaluate import CocoEvaluator, to_coco_results
+from ssd.transforms import eval_transform
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from pipelines.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
 DETECTION_COLUMNS = ("image_id", "width", "height", "boxes", "scores", "labels")
 _PASSED_THROUGH = ("image_id", "width", "height")
+# Written by Ray Data as plain list columns, so any Parquet reader gets [K, 4] boxes without
+# Ray's tensor extension types (a block whose rows all have K detections would otherwise
+# become a fixed-shape tensor column, and the next one a variable-shaped one).
+LABEL_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("path", pa.string()),
+        ("width", pa.int64()),  # original image, pixels
+        ("height", pa.int64()),
+        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),  # [K, 4] xyxy original pixels
+        ("scores", pa.list_(pa.float32())),  # [K] descending
+        ("labels", pa.list_(pa.int64())),  # [K] model labels 1..num classes
+        ("category_ids", pa.list_(pa.int64())),  # [K] the model's dataset["category_ids"]
+        ("category_names", pa.list_(pa.string())),  # [K] the model's dataset["class_names"]
+    ]
+)
+LABELS_DIR = "labels"
+DETECTIONS_FILE = "detections.json"
+IMAGES_FILE = "images.json"
+ERRORS_FILE = "errors.json"
+SAMPLES_FILE = "samples.jpg"
+SUMMARY_FILE = "summary.json"
+LABEL_OUTPUTS = (
+    LABELS_DIR,
+    DETECTIONS_FILE,
+    IMAGES_FILE,
+    ERRORS_FILE,
+    REPORT_FILE,
+    SAMPLES_FILE,
+    SUMMARY_FILE,
+)
+SKIPPED = "not_an_image"  # errors.json kind of a folder file without an image extension
+SAMPLE_IMAGES = 8
+SAMPLE_SIDE = 256  # pixels: sample pictures are shrunk to fit, so a grid of photos stays small
+SAMPLE_SCORE_THRESHOLD = 0.3  # detections drawn on the samples
+# Ray CPUs are logical. Decoding and resizing an image costs a fraction of detecting it (tiny
+# preset, one thread: 0.5 ms for a 160 px JPEG, 2 ms for 640 x 480, against ~7 ms) and writing
+# Parquet less, so their tasks ask for a quarter CPU each; the detector actors share the rest
+# (`detector_cpus`) and run one torch thread each whatever their share. Actors asking for every
+# CPU would leave no room for a decode or write task: the stream would stall.
+DECODE_CPUS = 0.25
+WRITE_CPUS = 0.25
 
 
 class BatchDetector:
@@ -61,6 +135,7 @@ class BatchDetector:
         torch.set_num_threads(threads)  # an actor owns its CPUs; no oversubscription
         loaded = load_model(model_uri, tracking_uri=tracking_uri)
         self.detector = Detector(loaded.model.to(device), loaded.cfg)
+        self.dataset = loaded.dataset  # class_names, category_ids of labels 1..K
         self.score_threshold = score_threshold
         self.max_detections = max_detections
 
@@ -83,6 +158,22 @@ class BatchDetector:
         return out
 
 
+class BatchLabeller:
+    """Ray Data callable class: `decode_batch` rows → a pyarrow Table of `LABEL_SCHEMA` rows.
+
+    Takes `BatchDetector`'s arguments and names each label with the model's own classes.
+    """
+
+    def __init__(self, **detector_kwargs: Any) -> None:
+        self.detector = BatchDetector(**detector_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        dataset = self.detector.dataset
+        return label_table(
+            self.detector(batch), batch["path"], dataset["class_names"], dataset["category_ids"]
+        )
+
+
 def _per_row(arrays: list[np.ndarray]) -> np.ndarray:
     """An object array [B] holding one array per row, whatever their shapes (Ray Data stores
     it as a tensor column, variable-shaped when the shapes differ)."""
@@ -90,6 +181,101 @@ def _per_row(arrays: list[np.ndarray]) -> np.ndarray:
     for i, array in enumerate(arrays):  # element-wise: numpy would merge equal shapes into one array
         out[i] = array
     return out
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: source rows (``image_id``, ``path``, ``width``, ``height``) →
+    the same columns plus ``image`` uint8 [B, 3, S, S]: each file decoded (`read_image`) and
+    stretched to S x S pixels exactly as in evaluation (`ssd.transforms.eval_transform`)."""
+    no_boxes = np.zeros((0, 4), np.float32)
+    images = [eval_transform(read_image(str(path)), no_boxes, image_size)[0] for path in batch["path"]]
+    out = {key: np.asarray(batch[key], dtype=np.int64) for key in _PASSED_THROUGH}
+    out["path"] = np.asarray(batch["path"], dtype=object)
+    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    out["image"] = np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))  # [B, 3, S, S]
+    return out
+
+
+def label_table(
+    detections: dict[str, np.ndarray],
+    paths: Sequence[str],
+    class_names: Sequence[str],
+    category_ids: Sequence[int],
+) -> pa.Table:
+    """`BatchDetector` output for B images and their paths → B rows of `LABEL_SCHEMA`.
+
+    Label k (1..K) names ``class_names[k - 1]`` and ``category_ids[k - 1]``.
+    """
+    counts = np.array([len(s) for s in detections["scores"]], dtype=np.int32)  # [B]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+
+    boxes = _concat(detections["boxes"], np.float32, (4,))  # [M, 4], M = sum of counts
+    scores = _concat(detections["scores"], np.float32, ())  # [M]
+    labels = _concat(detections["labels"], np.int64, ())  # [M]
+    category = np.asarray([0, *category_ids], dtype=np.int64)[labels]  # [M]
+    names = np.asarray(["", *class_names], dtype=object)[labels]  # [M]
+    corners = pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1), pa.float32()), 4)
+    columns = {
+        "image_id": pa.array(np.asarray(detections["image_id"], np.int64)),
+        "path": pa.array([str(p) for p in paths], pa.string()),
+        "width": pa.array(np.asarray(detections["width"], np.int64)),
+        "height": pa.array(np.asarray(detections["height"], np.int64)),
+        "boxes": pa.ListArray.from_arrays(offsets, corners),
+        "scores": pa.ListArray.from_arrays(offsets, pa.array(scores, pa.float32())),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels, pa.int64())),
+        "category_ids": pa.ListArray.from_arrays(offsets, pa.array(category, pa.int64())),
+        "category_names": pa.ListArray.from_arrays(offsets, pa.array(names, pa.string())),
+    }
+    return pa.table(columns, schema=LABEL_SCHEMA)
+
+
+def _concat(arrays: Sequence[np.ndarray], dtype: type, tail: tuple[int, ...]) -> np.ndarray:
+    """Per-row arrays [K_i, *tail] → one array [sum K_i, *tail]."""
+    parts = [np.asarray(a, dtype=dtype).reshape(-1, *tail) for a in arrays]
+    return np.concatenate(parts) if parts else np.zeros((0, *tail), dtype)
+
+
+def detector_cpus(cluster_cpus: float, workers: int) -> float:
+    """Logical CPUs per detector actor: at most 1, and `workers` actors leave `DECODE_CPUS` +
+    `WRITE_CPUS` of the cluster's `cluster_cpus` free for the tasks that feed and drain them."""
+    spare = cluster_cpus - DECODE_CPUS - WRITE_CPUS
+    if spare <= 0:
+        raise ValueError(
+            f"a Ray cluster of {cluster_cpus:g} CPUs has no room for detectors beside the decode and write "
+            f"tasks ({DECODE_CPUS + WRITE_CPUS:g} CPUs); expected at least 1 CPU"
+        )
+    return min(1.0, spare / workers)
+
+
+def _detector_pool(
+    samples: ray.data.Dataset,
+    detector: type,
+    constructor_kwargs: dict[str, Any],
+    *,
+    batch_size: int,
+    workers: tuple[int, int],
+    num_cpus: float,
+    num_gpus: float,
+) -> ray.data.Dataset:
+    """`detector` actors (min, max = `workers`) over `samples`, `num_cpus` CPUs (and as many
+    torch threads, at least one) and `num_gpus` GPUs each."""
+    return samples.map_batches(
+        detector,
+        fn_constructor_kwargs={
+            **constructor_kwargs,
+            "threads": max(1, int(num_cpus)),
+            "device": "cuda" if num_gpus else "cpu",
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        # Two tasks in flight keep an actor busy; more would let the first actor up queue
+        # blocks its slower-starting peers then wait for.
+        compute=ray.data.ActorPoolStrategy(
+            min_size=workers[0], max_size=workers[1], max_tasks_in_flight_per_actor=2
+        ),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
 
 
 def detect(
@@ -112,21 +298,66 @@ def detect(
     gpu = use_gpu and torch.cuda.is_available()
     if use_gpu and not gpu:
         log.warning("use_gpu was requested but torch sees no CUDA device here; detecting on CPUs")
-    return samples.map_batches(
+    kwargs = {
+        "model_uri": model_uri,
+        "tracking_uri": tracking_uri,
+        "score_threshold": score_threshold,
+        "max_detections": max_detections,
+    }
+    return _detector_pool(
+        samples,
         BatchDetector,
-        fn_constructor_kwargs={
-            "model_uri": model_uri,
-            "tracking_uri": tracking_uri,
-            "threads": max(1, int(num_cpus)),
-            "score_threshold": score_threshold,
-            "max_detections": max_detections,
-            "device": "cuda" if gpu else "cpu",
-        },
+        kwargs,
         batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=workers[0], max_size=workers[1]),
+        workers=workers,
         num_cpus=num_cpus,
         num_gpus=1 if gpu else 0,
+    )
+
+
+def label_rows(
+    rows: ray.data.Dataset,
+    model_uri: str,
+    *,
+    image_size: int,
+    workers: tuple[int, int],
+    num_cpus: float,
+    batch_size: int = 32,
+    decode_cpus: float = DECODE_CPUS,
+    num_gpus: float = 0,
+    tracking_uri: str | None = None,
+    score_threshold: float | None = None,
+    max_detections: int | None = None,
+) -> ray.data.Dataset:
+    """Lazily label source `rows` (`pipelines.datasets` columns; boxes are not read): decode
+    and resize in `decode_batch` tasks of `decode_cpus` CPUs each, then detect in a pool of
+    `BatchLabeller` actors (`_detector_pool`). Returns `LABEL_SCHEMA` rows.
+
+    Decoding runs in tasks beside the detector actors, so each actor only ever detects;
+    `image_size` is the model's input side in pixels.
+    """
+    samples = rows.map_batches(
+        decode_batch,
+        fn_kwargs={"image_size": image_size},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=decode_cpus,
+        udf_modifying_row_count=False,
+    )
+    kwargs = {
+        "model_uri": model_uri,
+        "tracking_uri": tracking_uri,
+        "score_threshold": score_threshold,
+        "max_detections": max_detections,
+    }
+    return _detector_pool(
+        samples,
+        BatchLabeller,
+        kwargs,
+        batch_size=batch_size,
+        workers=workers,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
     )
 
 
@@ -136,6 +367,12 @@ def pinned_uri(model: LoadedModel) -> str:
     if model.name and model.version and model.uri.startswith("models:/"):
         return f"models:/{model.name}/{model.version}"
     return model.uri
+
+
+def _worker_uri(model: LoadedModel) -> str:
+    """`pinned_uri`, with a checkpoint path made absolute: workers may run in another directory."""
+    uri = pinned_uri(model)
+    return uri if uri.startswith(("models:", "runs:")) else os.path.abspath(model.checkpoint_path)
 
 
 def require_labelled_source(source: str) -> str:
@@ -148,6 +385,18 @@ def require_labelled_source(source: str) -> str:
             "(a COCO annotation file or a Pascal VOC root)"
         )
     return kind
+
+
+def _evaluator(ds: ray.data.Dataset, info: DatasetInfo, model: LoadedModel, source: str) -> CocoEvaluator:
+    """A `CocoEvaluator` holding the ground truth of `ds`; ValueError when the source's classes
+    are not the model's (labels would name other categories)."""
+    model_classes = list(model.dataset["class_names"])
+    if list(info.class_names) != model_classes:
+        raise ValueError(
+            f"{source} has classes {list(info.class_names)} but model {model.uri} was trained on "
+            f"{model_classes}; expected the same classes in the same label order"
+        )
+    return CocoEvaluator(coco_ground_truth(ds, info), info.label_to_category_id())
 
 
 def evaluate_dataset(
@@ -176,16 +425,11 @@ def evaluate_dataset(
 
     require_labelled_source(source)
     model = model if model is not None else load_model(model_uri, tracking_uri=tracking_uri)
-    cfg, model_classes = model.cfg, list(model.dataset["class_names"])
+    cfg = model.cfg
     ds, info, _ = read_dataset(
         source, split=split, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, strict=strict
     )
-    if list(info.class_names) != model_classes:
-        raise ValueError(
-            f"{source} has classes {list(info.class_names)} but model {model.uri} was trained on "
-            f"{model_classes}; expected the same classes in the same label order"
-        )
-    evaluator = CocoEvaluator(coco_ground_truth(ds, info), info.label_to_category_id())
+    evaluator = _evaluator(ds, info, model, source)
     samples = preprocess(ds, cfg, train=False, batch_size=batch_size, workers=workers)
     rows = detect(
         samples, pinned_uri(model), batch_size=batch_size, workers=workers, tracking_uri=tracking_uri
@@ -210,3 +454,270 @@ def evaluate_dataset(
         version=model.version,
     )
     return metrics
+
+
+# --- labelling a source into an output directory ----------------------------------------
+
+
+def check_output(out: str, *, overwrite: bool = False) -> Location:
+    """The output directory `out` (local path or URI). ValueError if it is a file, or a
+    directory that already holds something and `overwrite` is False."""
+    location = resolve_location(out)
+    kind = location.file_type()
+    if kind == pafs.FileType.File:
+        raise ValueError(f"output directory {location.uri} is a file; expected a new or empty directory")
+    if kind == pafs.FileType.Directory and not overwrite:
+        held = sorted(
+            info.base_name for info in location.filesystem.get_file_info(pafs.FileSelector(location.path))
+        )
+        if held:
+            shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+            raise ValueError(
+                f"output directory {location.uri} already holds {shown}; pass --overwrite to replace "
+                f"the labelling outputs in it ({', '.join(LABEL_OUTPUTS)}), or choose another directory"
+            )
+    return location
+
+
+def _clear_outputs(location: Location) -> None:
+    """Delete the `LABEL_OUTPUTS` of an earlier run (nothing else) and make sure the directory exists."""
+    fs = location.filesystem
+    for name in LABEL_OUTPUTS:
+        path = location.join(name).path
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
+    fs.create_dir(location.path, recursive=True)
+
+
+def label_source(
+    source: str,
+    model: LoadedModel,
+    out: str,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    num_cpus: float | None = None,
+    num_gpus: float = 0,
+    tracking_uri: str | None = None,
+    evaluate: bool = False,
+    strict: bool = False,
+    overwrite: bool = False,
+    score_threshold: float | None = None,
+    mlflow_run: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Label every readable image of `source` with `model` and write the files of the module
+    docstring to `out` (local or URI; see `check_output` for `overwrite`).
+
+    Bad images (unreadable, truncated, corrupt, missing; `pipelines.validation`) and, in an
+    image folder, files without an image extension are listed in ``errors.json``; with
+    `strict` the first bad image raises `pipelines.datasets.DataValidationError` instead.
+    With `evaluate`, the source must be labelled (COCO or VOC) with the model's classes, and
+    the summary holds `CocoEvaluator.summarize`'s metrics of the labelled images.
+    `workers` detector actors take `num_cpus` CPUs each (default `detector_cpus` of the Ray
+    cluster) and `num_gpus` GPUs.
+
+    Returns the summary written to ``summary.json``: ``images`` (labelled), ``errors``,
+    ``skipped``, ``detections``, ``seconds`` and ``images_per_s`` of the Ray Data pass (decode,
+    detect, write Parquet), ``total_seconds`` (reading and checking the source included),
+    ``model`` (uri, name, version, run_id, the URI workers loaded), ``input``, ``out``,
+    ``files``, ``metrics`` (None without `evaluate`) and `mlflow_run` as given (the caller's run).
+    """
+    from pipelines.tracking import tracking_uri as resolve_tracking_uri
+
+    start = time.perf_counter()
+    location = check_output(out, overwrite=overwrite)
+    if evaluate:
+        require_labelled_source(source)
+    _clear_outputs(location)
+    ds, info, report = read_dataset(source, strict=strict, report_dir=location.uri)
+    errors = _image_errors(report) + _skipped_files(info)
+    _write(location, ERRORS_FILE, json.dumps(errors, indent=1).encode())
+    evaluator = _evaluator(ds, info, model, source) if evaluate else None
+    if num_cpus is None:
+        num_cpus = detector_cpus(ray.cluster_resources().get("CPU", 0.0), workers)
+    # Actors take whole blocks (`read_dataset` makes blocks of 64 rows): an actor beyond one
+    # per block would only load the model.
+    workers = min(workers, ds.num_blocks())
+    rows = label_rows(
+        ds,
+        _worker_uri(model),
+        image_size=model.cfg.model.image_size,
+        batch_size=batch_size,
+        workers=(workers, workers),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        tracking_uri=resolve_tracking_uri(tracking_uri),
+        score_threshold=score_threshold,
+    )
+    labelled = time.perf_counter()
+    rows.write_parquet(
+        location.join(LABELS_DIR).path,
+        filesystem=location.filesystem,
+        ray_remote_args={"num_cpus": WRITE_CPUS},
+    )
+    seconds = time.perf_counter() - labelled
+    images, detections, samples = _write_results(location, model.dataset, evaluator)
+    _write(location, SAMPLES_FILE, _jpeg(sample_grid(samples, model.dataset["class_names"])))
+    summary = {
+        "input": info.source,
+        "kind": info.kind,
+        "out": location.uri,
+        "model": _lineage(model),
+        "images": images,
+        "errors": sum(1 for e in errors if e["kind"] != SKIPPED),
+        "skipped": sum(1 for e in errors if e["kind"] == SKIPPED),
+        "first_errors": errors[:5],
+        "detections": detections,
+        "seconds": seconds,
+        "images_per_s": images / seconds if seconds > 0 else math.nan,
+        "batch_size": batch_size,
+        "workers": workers,
+        "cpus_per_worker": num_cpus,
+        "metrics": _without_text(evaluator.summarize()) if evaluator is not None else None,
+        "files": {name: location.join(name).uri for name in LABEL_OUTPUTS},
+        "mlflow_run": mlflow_run,
+        "total_seconds": time.perf_counter() - start,
+    }
+    _write(location, SUMMARY_FILE, json.dumps(_json_safe(summary), indent=2).encode())
+    return summary
+
+
+def _lineage(model: LoadedModel) -> dict[str, Any]:
+    """Which model labelled: as given, its registry name and version, its run, as loaded by workers."""
+    return {
+        "uri": model.uri,
+        "name": model.name,
+        "version": model.version,
+        "run_id": model.run_id,
+        "loaded_as": _worker_uri(model),
+        "config": model.cfg.name,
+    }
+
+
+def _image_errors(report: IngestReport) -> list[dict[str, Any]]:
+    return [
+        {"path": e.file, "image_id": e.image_id, "kind": e.kind, "reason": e.detail}
+        for e in report.entries
+        if e.kind in IMAGE_KINDS
+    ]
+
+
+def _skipped_files(info: DatasetInfo) -> list[dict[str, Any]]:
+    """Files of an image folder that the reader passes over for their name."""
+    if info.kind != "folder":
+        return []
+    root = resolve_location(info.image_root)
+    return [
+        {
+            "path": root.join(name).uri,
+            "image_id": None,
+            "kind": SKIPPED,
+            "reason": "not read: the name has no image extension",
+        }
+        for name in list_files(root)
+        if not is_image_name(name)
+    ]
+
+
+def _write_results(
+    location: Location, dataset: dict, evaluator: CocoEvaluator | None
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """Stream the written Parquet into ``detections.json`` (and `evaluator`), then write
+    ``images.json``. Returns (images, detections, the `SAMPLE_IMAGES` rows of lowest id)."""
+    label_to_cat = {label: int(cid) for label, cid in enumerate(dataset["category_ids"], start=1)}
+    parquet = pads.dataset(location.join(LABELS_DIR).path, format="parquet", filesystem=location.filesystem)
+    images: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    detections = 0
+    with location.filesystem.open_output_stream(location.join(DETECTIONS_FILE).path) as stream:
+        stream.write(b"[")
+        for batch in parquet.to_batches():
+            rows = _rows(batch)
+            for row in rows:
+                results = to_coco_results(
+                    row["image_id"], row["boxes"], row["scores"], row["labels"], label_to_cat
+                )
+                if results:
+                    stream.write((b",\n" if detections else b"\n") + json.dumps(results)[1:-1].encode())
+                detections += len(results)
+                images.append(
+                    {
+                        "id": row["image_id"],
+                        "file_name": row["path"],
+                        "width": row["width"],
+                        "height": row["height"],
+                    }
+                )
+            if evaluator is not None and rows:
+                evaluator.update(
+                    *([row[k] for row in rows] for k in ("image_id", "boxes", "scores", "labels"))
+                )
+            samples = heapq.nsmallest(SAMPLE_IMAGES, samples + rows, key=lambda row: row["image_id"])
+        stream.write(b"\n]\n")
+    categories = [{"id": int(c), "name": n} for n, c in zip(dataset["class_names"], dataset["category_ids"])]
+    images.sort(key=lambda image: image["id"])
+    info = {"images": images, "categories": categories, "annotations": []}
+    _write(location, IMAGES_FILE, json.dumps(info, indent=1).encode())
+    return len(images), detections, samples
+
+
+def _rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """`LABEL_SCHEMA` rows as dicts of numbers, paths and numpy arrays (boxes [K, 4])."""
+    cuts = np.cumsum(batch.column("scores").value_lengths().to_numpy(zero_copy_only=False))[:-1]
+    boxes = np.split(batch.column("boxes").flatten().flatten().to_numpy().reshape(-1, 4), cuts)
+    scores = np.split(batch.column("scores").flatten().to_numpy(), cuts)
+    labels = np.split(batch.column("labels").flatten().to_numpy(), cuts)
+    plain = {key: batch.column(key).to_pylist() for key in ("image_id", "path", "width", "height")}
+    return [
+        {**{key: plain[key][i] for key in plain}, "boxes": boxes[i], "scores": scores[i], "labels": labels[i]}
+        for i in range(batch.num_rows)
+    ]
+
+
+def sample_grid(rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> Image.Image:
+    """The images of `rows` (``path``, ``boxes`` [K, 4] xyxy pixels, ``scores``, ``labels``),
+    each shrunk to fit `SAMPLE_SIDE` pixels, with their detections scoring at least
+    `SAMPLE_SCORE_THRESHOLD`, four to a row (`pipelines.pictures.detection_grid`)."""
+    from PIL import Image
+
+    pictures, detections = [], []
+    for row in rows:
+        pixels = read_image(row["path"])
+        height, width = pixels.shape[:2]
+        scale = min(1.0, SAMPLE_SIDE / max(height, width))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if scale < 1.0:
+            pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
+        factor = np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
+        pictures.append(pixels)
+        detections.append({"boxes": row["boxes"] * factor, "scores": row["scores"], "labels": row["labels"]})
+    return detection_grid(
+        pictures, detections, class_names=class_names, score_threshold=SAMPLE_SCORE_THRESHOLD
+    )
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _write(location: Location, name: str, data: bytes) -> None:
+    with location.filesystem.open_output_stream(location.join(name).path) as stream:
+        stream.write(data)
+
+
+def _without_text(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in metrics.items() if key != "summary_text"}
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (e.g. no ground truth of a size) becomes null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(v) for key, v in value.items()}
+    return value
