@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipelines.memory import keep_freed_memory
 from ssd import checkpoint as ckpt_io
 from ssd import config as C
 from ssd.detector import Detector
@@ -52,6 +53,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(settings.get("threads", 1)))
+    keep_freed_memory()  # activations and targets are MBs per step: reuse, don't page-fault anew
     cfg = C.from_dict(settings["config"])
     t = cfg.train
     torch.manual_seed(t.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
