@@ -10,9 +10,9 @@ import json
 import logging
 import math
 import os
-import sys
 from typing import Any
 
+from jobs.options import run_job
 from jobs.prepare import quiet_ray_data
 
 DESCRIPTION = """Detect every image of a labelled dataset (COCO annotation file or Pascal VOC root,
@@ -126,13 +126,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=DESCRIPTION)
-    add_arguments(parser)
-    try:
-        run(parser.parse_args(argv))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job("evaluate", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from typing import Any
 
+from jobs.options import run_job
 from jobs.prepare import quiet_ray_data
 
 log = logging.getLogger(__name__)
@@ -277,13 +277,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.label", description=DESCRIPTION)
-    add_arguments(parser)
-    try:
-        run(parser.parse_args(argv))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"label: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job("label", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

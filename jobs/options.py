@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
 
 from ssd import config as C
 
@@ -32,3 +35,21 @@ def config_from_args(args: argparse.Namespace) -> C.Config:
     if args.config:
         cfg = C.load(args.config, base=cfg)
     return C.override(cfg, args.overrides)
+
+
+def run_job(
+    verb: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], Any],
+    argv: list[str] | None = None,
+) -> None:
+    """``python -m jobs.<verb>``: parse, run, and turn bad input into one ``<verb>: error:``
+    line and exit status 2 instead of a traceback."""
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{verb}", description=description)
+    add_arguments(parser)
+    try:
+        run(parser.parse_args(argv))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{verb}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
-from jobs.options import add_config_arguments, config_from_args
+from jobs.options import add_config_arguments, config_from_args, run_job
 
 DESCRIPTION = """Validate a detection dataset (COCO annotation file, Pascal VOC root or image
 folder, local path or URI), match every image to the preset's default boxes on Ray workers,
@@ -79,13 +78,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=DESCRIPTION)
-    add_arguments(parser)
-    try:
-        run(parser.parse_args(argv))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job("prepare", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

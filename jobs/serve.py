@@ -9,10 +9,11 @@ import argparse
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from typing import Any
+
+from jobs.options import run_job
 
 DESCRIPTION = """Serve a trained model over HTTP with Ray Serve: POST /detect takes an image
 (raw JPEG/PNG/WebP/BMP body or a multipart upload; ?score_threshold=&max_detections=) and
@@ -239,13 +240,7 @@ def _serve_until_stopped(args: argparse.Namespace, metrics: _RunMetrics, stop: t
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.serve", description=DESCRIPTION)
-    add_arguments(parser)
-    try:
-        run(parser.parse_args(argv))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"serve: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job("serve", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -10,65 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from pipelines.batch_inference import BatchDetector, evaluate_dataset
 from pipelines.builtin import write_builtin
 from pipelines.prepare import with_classes
-from ssd import checkpoint
 from ssd import config as C
-from ssd.anchors import default_boxes
-from ssd.detector import Detector
-from ssd.evaluate import CocoEvaluator
-from ssd.loss import multibox_loss
-from ssd.matching import encode_targets_batch
 from ssd.model import build_ssd
-from ssd.optim import build_optimizer
-from ssd.transforms import eval_transform
+from tests.trained_tiny import BATCH, classes, direct_metrics, save, split, train_tiny
 
 pytestmark = pytest.mark.slow
-
-TRAIN_STEPS = 30  # enough for mAP@0.5 clearly above 0 on the built-in scenes, ~5 s on 2 cores
-BATCH = 8
-
-
-def _split(root: Path, split: str) -> tuple[dict, np.ndarray, list[tuple[int, int]]]:
-    """The split's COCO dict, its images resized for the tiny preset (uint8 [N, 3, S, S]) and
-    their original (height, width), in the JSON's image order."""
-    coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
-    size = C.preset("tiny").model.image_size
-    images, sizes = [], []
-    for im in coco["images"]:
-        with Image.open(root / split / "images" / im["file_name"]) as f:
-            pixels = np.array(f.convert("RGB"))
-        resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), size)
-        images.append(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        sizes.append(pixels.shape[:2])
-    return coco, np.stack(images), sizes
-
-
-def _targets(coco: dict, cfg: C.Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Matched targets of every image (crowd boxes left out, as `pipelines.preprocess` does)."""
-    label_of = {c["id"]: k for k, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]), start=1)}
-    boxes, labels = [], []
-    for im in coco["images"]:
-        anns = [a for a in coco["annotations"] if a["image_id"] == im["id"] and not a["iscrowd"]]
-        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        boxes.append(xyxy / torch.tensor([im["width"], im["height"]] * 2, dtype=torch.float32))
-        labels.append(torch.tensor([label_of[a["category_id"]] for a in anns], dtype=torch.int64))
-    return encode_targets_batch(boxes, labels, default_boxes(cfg), cfg.train.iou_threshold)
-
-
-def _classes(coco: dict) -> dict:
-    categories = sorted(coco["categories"], key=lambda c: c["id"])
-    return {"class_names": [c["name"] for c in categories], "category_ids": [c["id"] for c in categories]}
-
-
-def _save(model: torch.nn.Module, cfg: C.Config, dataset: dict, out: Path) -> str:
-    ckpt = checkpoint.make_checkpoint(model, cfg, dataset, epoch=1, step=TRAIN_STEPS)
-    return str(checkpoint.save(checkpoint.for_inference(ckpt), out))
 
 
 @pytest.fixture(scope="module")
@@ -80,48 +30,13 @@ def builtin(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(builtin, tmp_path_factory) -> str:
-    """A tiny model trained for TRAIN_STEPS on the train split, saved as a checkpoint file."""
-    coco, images, _ = _split(builtin, "train")
-    dataset = _classes(coco)
-    cfg = with_classes(C.preset("tiny"), tuple(dataset["class_names"]))
-    cls_t, loc_t = _targets(coco, cfg)
-    torch.manual_seed(0)
-    model = build_ssd(cfg)
-    optimiser = build_optimizer(model, cfg.train)
-    images_t = torch.from_numpy(images)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(TRAIN_STEPS):
-        idx = torch.randint(0, len(images_t), (BATCH,), generator=generator)
-        loss = multibox_loss(*model(images_t[idx]), cls_t[idx], loc_t[idx])["loss"]
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-    return _save(model, cfg, dataset, tmp_path_factory.mktemp("trained"))
-
-
-def _direct_metrics(ckpt_path: str, root: Path) -> dict:
-    """The oracle: the checkpoint's model called here through `Detector`, scored against the
-    COCO file itself with `CocoEvaluator`; no Ray."""
-    model, cfg = checkpoint.build_model(checkpoint.load(ckpt_path))
-    coco, images, sizes = _split(root, "val")
-    ids = [im["id"] for im in coco["images"]]
-    detector, evaluator = Detector(model, cfg), CocoEvaluator(coco)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a one-CPU actor: same reduction order, same floats
-    try:
-        for first in range(0, len(ids), BATCH):
-            part = slice(first, first + BATCH)
-            found = detector(torch.from_numpy(images[part]), sizes[part])
-            evaluator.update(ids[part], *([d[k] for d in found] for k in ("boxes", "scores", "labels")))
-    finally:
-        torch.set_num_threads(threads)
-    return evaluator.summarize()
+    return train_tiny(builtin, tmp_path_factory.mktemp("trained"))
 
 
 def test_ray_evaluation_equals_the_detector_called_directly(ray_local, builtin, trained):
     val = str(builtin / "annotations" / "instances_val.json")
     got = evaluate_dataset(val, trained, split=None, batch_size=BATCH, workers=(1, 1))
-    expected = _direct_metrics(trained, builtin)
+    expected = direct_metrics(trained, builtin)
 
     assert got["images"] == 24 and got["uri"] == trained
     assert got["map50"] > 0  # some detections match: the comparison below is not 0 == 0
@@ -134,7 +49,7 @@ def test_ray_evaluation_equals_the_detector_called_directly(ray_local, builtin, 
 
 
 def test_batch_detector_gives_a_row_per_image_even_with_no_detection(trained, builtin):
-    coco, images, sizes = _split(builtin, "val")
+    coco, images, sizes = split(builtin, "val")
     batch = {
         "image_id": np.array([im["id"] for im in coco["images"][:3]]),
         "height": np.array([h for h, _ in sizes[:3]]),
@@ -168,7 +83,7 @@ def test_evaluate_cli_prints_map_and_writes_json(ray_local, builtin, trained, tm
     assert run.returncode == 0, run.stderr
     assert "mAP@0.5 " in run.stdout and "24 images" in run.stdout
     metrics = json.loads(out.read_text())
-    expected = _direct_metrics(trained, builtin)
+    expected = direct_metrics(trained, builtin)
     assert metrics["map50"] == pytest.approx(expected["map50"], abs=1e-6)
     assert metrics["images"] == 24 and set(metrics["per_class50"]) == set(expected["per_class50"])
     assert f"{expected['map50']:7.4f}" in run.stdout
@@ -184,10 +99,10 @@ def _one_line_error(run: subprocess.CompletedProcess) -> str:
 
 def test_a_model_trained_on_other_classes_is_refused_naming_both(ray_local, builtin, tmp_path):
     coco = json.loads((builtin / "annotations" / "instances_val.json").read_text())
-    dataset = _classes(coco)
+    dataset = classes(coco)
     dataset["class_names"] = dataset["class_names"][::-1]
     cfg = with_classes(C.preset("tiny"), tuple(dataset["class_names"]))
-    other = _save(build_ssd(cfg), cfg, dataset, tmp_path / "other")
+    other = save(build_ssd(cfg), cfg, dataset, tmp_path / "other")
     val = str(builtin / "annotations" / "instances_val.json")
     error = _one_line_error(_cli("--model", other, "--data", val, "--split", "all", "--address", "auto"))
     assert str(dataset["class_names"]) in error and str(dataset["class_names"][::-1]) in error

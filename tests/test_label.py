@@ -21,16 +21,11 @@ from jobs import label
 from pipelines.batch_inference import LABEL_SCHEMA, decode_batch, label_source, label_table
 from pipelines.builtin import write_builtin
 from pipelines.models import load_model
-from pipelines.prepare import with_classes
 from pipelines.preprocess import read_image
 from pipelines.tracking import Tracker, log_model
-from ssd import config as C
 from ssd.detector import Detector
-from ssd.loss import multibox_loss
-from ssd.model import build_ssd
-from ssd.optim import build_optimizer
 from ssd.transforms import eval_transform
-from tests.test_evaluate_job import BATCH, TRAIN_STEPS, _classes, _direct_metrics, _save, _split, _targets
+from tests.trained_tiny import BATCH, direct_metrics, train_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -47,22 +42,7 @@ def builtin(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(builtin, tmp_path_factory) -> str:
-    """A tiny model trained for TRAIN_STEPS (as in test_evaluate_job), saved as a checkpoint file."""
-    coco, images, _ = _split(builtin, "train")
-    dataset = _classes(coco)
-    cfg = with_classes(C.preset("tiny"), tuple(dataset["class_names"]))
-    cls_t, loc_t = _targets(coco, cfg)
-    torch.manual_seed(0)
-    model = build_ssd(cfg)
-    optimiser = build_optimizer(model, cfg.train)
-    images_t, generator = torch.from_numpy(images), torch.Generator().manual_seed(0)
-    for _ in range(TRAIN_STEPS):
-        idx = torch.randint(0, len(images_t), (BATCH,), generator=generator)
-        loss = multibox_loss(*model(images_t[idx]), cls_t[idx], loc_t[idx])["loss"]
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-    return _save(model, cfg, dataset, tmp_path_factory.mktemp("trained"))
+    return train_tiny(builtin, tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +157,7 @@ def test_evaluate_scores_what_it_labelled_and_overwrite_keeps_other_files(
         val, load_model(trained), str(out), evaluate=True, overwrite=True, batch_size=BATCH, workers=2
     )
 
-    expected = _direct_metrics(trained, builtin)
+    expected = direct_metrics(trained, builtin)
     assert summary["images"] == 16 and summary["metrics"]["map50"] > 0
     for key in ("map", "map50", "map75"):
         assert summary["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
