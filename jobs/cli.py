@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     except train.TrainRunError as exc:  # the workers failed beyond --max-failures; their errors are in exc
         print(f"rayssd {args.command}: error: {exc}", file=sys.stderr)
         code = 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # jobs say how to continue (e.g. train: --resume --name RUN)
+        if str(exc):
+            print(f"rayssd {args.command}: {exc}", file=sys.stderr)
         code = 130
     sys.exit(code)
 

@@ -8,6 +8,7 @@ run directory, workers against this machine's CPUs) is checked before Ray starts
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,6 +36,10 @@ DATA_RESERVE_CPUS = 0.5  # kept free for the data pipeline when training shares 
 
 class TrainRunError(RuntimeError):
     """The workers failed beyond --max-failures; the message holds their error snippets."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says how to resume."""
 
 
 @dataclasses.dataclass
@@ -74,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         default="rayssd-runs",
-        help="where runs keep checkpoints (default: ./rayssd-runs; shared storage or a URI on a cluster)",
+        help="where runs keep checkpoints (default: ./rayssd-runs; on a cluster a path every node mounts)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue run --name from its last checkpoint, with its config"
@@ -119,7 +124,12 @@ def plan(args: argparse.Namespace) -> Plan:
     """Validate everything that can be checked before Ray starts; raises ValueError."""
     from pipelines.datasets import detect_source
 
-    storage = Path(args.storage).expanduser().resolve() if "://" not in args.storage else Path(args.storage)
+    if "://" in args.storage:
+        raise ValueError(
+            f"--storage {args.storage}: object-store URIs are not supported yet; give a local path, or on "
+            "a cluster a path every node mounts (e.g. NFS)"
+        )
+    storage = Path(args.storage).expanduser().resolve()
     resume = bool(args.resume)
     if resume and not args.name:
         raise ValueError("--resume needs --name: the run to continue")
@@ -131,8 +141,21 @@ def plan(args: argparse.Namespace) -> Plan:
             raise ValueError(f"no run {name!r} to resume in {storage} (expected {run_file})")
         if args.overrides or args.config:
             raise ValueError("--resume continues a run with its own config; drop --set and --config")
-        saved = json.loads(run_file.read_text())
-        cfg = C.from_dict(saved["config"])
+        try:
+            saved = json.loads(run_file.read_text())
+            cfg = C.from_dict(saved["config"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{run_file} is not a rayssd run record: {exc!r}") from exc
+        if saved.get("finished"):
+            raise ValueError(
+                f"run {name!r} already finished all {cfg.train.epochs} epochs; nothing to resume"
+            )
+        if saved.get("val_data") != args.val_data:
+            raise ValueError(
+                f"run {name!r} was started with --val-data {saved.get('val_data')}; resume it with the same"
+            )
+        if args.workers is not None:
+            cfg = C.override(cfg, [f"train.num_workers={args.workers}"])  # any worker count may resume
         run_id = saved.get("mlflow_run_id")
     else:
         cfg = config_from_args(args)
@@ -192,13 +215,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = _datasets(args, p)
     cfg = data["cfg"]
     tracker = _start_tracking(args, p, cfg, data)
-    _write_run_file(p, cfg, tracker.run_id if tracker.enabled else None)
+    run_id = tracker.run_id if tracker.enabled else p.run_id
+    _write_run_file(p, cfg, run_id, args.val_data)
     try:
         result, board_state = _fit(args, p, data, tracker, cpus, data_cpus, threads)
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise Interrupted(f"run {p.name} interrupted; continue it with --resume --name {p.name}") from None
     except BaseException:
-        tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+        tracker.end("FAILED")
         raise
     out = _finish(args, p, cfg, result, tracker)
+    if out.get("epochs_done", 0) >= cfg.train.epochs:
+        _write_run_file(p, cfg, run_id, args.val_data, finished=True)
     out["history"] = board_state["epochs"]  # what rank 0 reported, in order (this session)
     out["workers"] = {str(rank): info for rank, info in sorted(board_state["workers"].items())}
     out["param_digests"] = {
@@ -298,12 +327,18 @@ def _start_tracking(args: argparse.Namespace, p: Plan, cfg: C.Config, data: dict
     return tracker
 
 
-def _write_run_file(p: Plan, cfg: C.Config, run_id: str | None) -> None:
-    if "://" in str(p.storage):
-        return  # remote storage: --resume needs the run file; keep it local-only for now
+def _write_run_file(
+    p: Plan, cfg: C.Config, run_id: str | None, val_data: str | None, finished: bool = False
+) -> None:
     directory = p.storage / p.name
     directory.mkdir(parents=True, exist_ok=True)
-    record = {"name": p.name, "config": C.to_dict(cfg), "mlflow_run_id": run_id}
+    record = {
+        "name": p.name,
+        "config": C.to_dict(cfg),
+        "mlflow_run_id": run_id,
+        "val_data": val_data,
+        "finished": finished,
+    }
     (directory / RUN_FILE).write_text(json.dumps(record, indent=2))
 
 
@@ -319,6 +354,7 @@ def _fit(args, p: Plan, data: dict[str, Any], tracker, cpus: float, data_cpus: f
     cfg, t = data["cfg"], data["cfg"].train
     check_enough_images(data["num_train"], p.workers, t.batch_size)
     clock_name, board_name = f"rayssd-clock-{p.name}", f"rayssd-progress-{p.name}"
+    _kill_named(clock_name, board_name)  # left over by an earlier, interrupted session of this run
     clock = start_epoch_clock(clock_name)  # keep the handles: Ray collects unreferenced actors
     board = start_board(board_name)
     datasets = {
@@ -371,17 +407,29 @@ def _fit(args, p: Plan, data: dict[str, Any], tracker, cpus: float, data_cpus: f
     )
     from ray.train import TrainingFailedError
 
-    with ProgressPrinter(board, poll_s=1.0 if not args.quiet else 3600.0):
-        try:
-            result = trainer.fit()
-        except TrainingFailedError as exc:
-            raise TrainRunError(
-                f"run {p.name} failed (resume with --resume --name {p.name}):\n{exc}"
-            ) from exc
-    state = ray.get(board.state.remote())
-    for actor in (clock, board):
-        ray.kill(actor)
+    try:
+        with ProgressPrinter(board, quiet=args.quiet):
+            try:
+                result = trainer.fit()
+            except TrainingFailedError as exc:
+                raise TrainRunError(
+                    f"run {p.name} failed (resume with --resume --name {p.name}):\n{exc}"
+                ) from exc
+        state = ray.get(board.state.remote())
+    finally:
+        for actor in (clock, board):
+            ray.kill(actor)
     return result, state
+
+
+def _kill_named(*names: str) -> None:
+    import ray
+
+    from pipelines.preprocess import ACTOR_NAMESPACE
+
+    for name in names:
+        with contextlib.suppress(ValueError):  # none left over: the usual case
+            ray.kill(ray.get_actor(name, namespace=ACTOR_NAMESPACE))
 
 
 def _finish(args, p: Plan, cfg: C.Config, result, tracker) -> dict[str, Any]:
@@ -441,8 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     except TrainRunError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("train: interrupted; continue later with --resume --name NAME", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"train: {exc or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -107,13 +107,19 @@ class ProgressPrinter:
     terminal the line is rewritten in place; in a log, a line every `log_every_s`."""
 
     def __init__(
-        self, board: Any, stream: TextIO | None = None, poll_s: float = 1.0, log_every_s: float = 15.0
+        self,
+        board: Any,
+        stream: TextIO | None = None,
+        poll_s: float = 1.0,
+        log_every_s: float = 15.0,
+        quiet: bool = False,
     ):
         self.board = board
         self.stream = stream or sys.stdout
         self.poll_s = poll_s
         self.log_every_s = log_every_s
-        self.tty = self.stream.isatty()
+        self.quiet = quiet  # events (epoch lines, restores) only, no status line
+        self.tty = self.stream.isatty() and not quiet
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rayssd-progress", daemon=True)
         self._seen_events = 0
@@ -151,7 +157,7 @@ class ProgressPrinter:
         if self.tty and not final:
             self.stream.write("\r\x1b[2K" + line)
             self.stream.flush()
-        elif not final and line != self._last_line:
+        elif not final and not self.quiet and line != self._last_line:
             self._write_line(line)
         self._last_line = line
 

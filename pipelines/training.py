@@ -185,6 +185,11 @@ def _train_epoch(
             neg_pos_ratio=t.neg_pos_ratio,
             alpha=t.loc_weight,
         )
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss ({float(losses['loss'])}) at step {step + 1}, epoch {epoch + 1}: "
+                "lower train.lr or set train.grad_clip_norm"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         if t.grad_clip_norm is not None:

@@ -72,6 +72,7 @@ def _metric_steps(uri: str, run_id: str, key: str = "loss") -> list[int]:
         (["--workers", "64"], "train.num_workers=64 needs 64 CPUs"),
         (["--set", "train.eval_every=0"], "train.eval_every"),
         (["--resume"], "no run 'r' to resume"),
+        (["--storage", "s3://bucket/runs"], "object-store URIs are not supported yet"),
     ],
 )
 def test_bad_values_are_refused_by_the_plan_naming_the_field(builtin, tmp_path, extra, expected):
@@ -106,6 +107,10 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_wa
     assert first["epochs_done"] == 1 and [m["epoch"] for m in first["history"]] == [1.0]
     assert first["registered"] is None and first["mlflow_run_id"] is None
     assert any("without tracking" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="was started with --val-data"):
+        train_job.plan(
+            _parse(["--resume", *_argv(builtin, tmp_path, "run")[:2], *_argv(builtin, tmp_path, "run")[4:8]])
+        )
 
     resumed = _train(["--resume", *_argv(builtin, tmp_path, "run")[:8], "--quiet"])
     assert resumed["epochs_done"] == 2 and [m["epoch"] for m in resumed["history"]] == [2.0]
@@ -115,6 +120,14 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_wa
     assert final["step"] == 2 * (128 // 8)  # one worker, both epochs' steps, none repeated or lost
     assert resumed["workers"].keys() == {"0"}
     assert "map" in resumed["metrics"]  # evaluated at the end
+    with pytest.raises(ValueError, match="finished all 2 epochs"):
+        train_job.plan(_parse(["--resume", *_argv(builtin, tmp_path, "run")[:8]]))
+
+
+def test_an_empty_val_split_is_refused_before_training(ray_local, builtin, tmp_path):
+    argv = [a for a in _argv(builtin, tmp_path, "empty-val") if a not in ("--val-data", builtin["val"])]
+    with pytest.raises(ValueError, match=r"no usable image left in .* \(split 'val'\)"):  # read_dataset's
+        _train([*argv, "--set", "data.val_fraction=0.001"])
 
 
 def test_a_killed_worker_is_replaced_and_every_epoch_is_reported_once(
