@@ -28,6 +28,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.ops import box_iou
 
+from benchmarks.report import publish
 from pipelines.memory import keep_freed_memory
 from ssd import config as C
 from ssd.anchors import default_boxes
@@ -170,11 +171,7 @@ def main() -> None:
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, malloc tuned: {tuned}"
     )
     table = format_table(run(quick=args.quick))
-    print(header)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+    publish(header, table, args.markdown)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.report import publish
 from pipelines.batch_inference import detector_cpus, label_rows, label_source
 from pipelines.builtin import write_builtin
 from pipelines.datasets import read_dataset
@@ -218,11 +219,7 @@ def main() -> None:
         f"{setup['cpus_per_worker']:g} Ray CPU, 1 torch thread each; plain loop on {setup['threads']} threads"
     )
     table = format_table(rows)
-    print(header)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+    publish(header, table, args.markdown)
 
 
 if __name__ == "__main__":

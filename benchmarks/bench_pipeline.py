@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.report import publish
 from pipelines.builtin import write_builtin
 from pipelines.datasets import read_dataset
 from pipelines.memory import keep_freed_memory
@@ -211,11 +212,7 @@ def main() -> None:
     images = 256 if args.quick else args.images
     table = format_table(run(images, args.quick))
     header = f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {images} built-in images, preset tiny"
-    print(header)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+    publish(header, table, args.markdown)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import requests
 import torch
 from PIL import Image
 
+from benchmarks.report import publish
 from pipelines import serving
 from pipelines.models import load_model
 from ssd import checkpoint
@@ -193,11 +194,7 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at the start, "
         f"torch {torch.__version__}; serve: 1 ingress, 1 detector replica (1 CPU), model's serve config"
     )
-    print(header)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+    publish(header, table, args.markdown)
 
 
 if __name__ == "__main__":
