@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from types import ModuleType
 
 from jobs import data, demo, evaluate, label, prepare, serve, train
 from jobs.options import add_config_arguments, config_from_args
@@ -24,34 +26,26 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    prepare.run(args)
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    train.run(args)
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    evaluate.run(args)
-    return 0
-
-
-def _cmd_label(args: argparse.Namespace) -> int:
-    label.run(args)
-    return 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    serve.run(args)
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     demo.run(args)
     return 0
+
+
+_JOBS = (
+    ("prepare", prepare, "validate a dataset and cache its matched samples as Parquet (Ray Data)"),
+    ("train", train, "train with Ray Train (DDP workers, Ray Data input, checkpoints, MLflow)"),
+    ("evaluate", evaluate, "COCO mAP of a trained model (checkpoint or MLflow URI) on a labelled dataset"),
+    ("label", label, "label images with a trained model on Ray Data (Parquet + COCO results, MLflow run)"),
+    ("serve", serve, "serve a model over HTTP with Ray Serve (POST /detect), tracked in MLflow"),
+)
+
+
+def _runner(job: ModuleType) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        job.run(args)
+        return 0
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,45 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data.register(sub)
 
-    prepare_parser = sub.add_parser(
-        "prepare",
-        help="validate a dataset and cache its matched samples as Parquet (Ray Data)",
-        description=prepare.DESCRIPTION,
-    )
-    prepare.add_arguments(prepare_parser)
-    prepare_parser.set_defaults(func=_cmd_prepare)
-
-    train_parser = sub.add_parser(
-        "train",
-        help="train with Ray Train (DDP workers, Ray Data input, checkpoints, MLflow)",
-        description=train.DESCRIPTION,
-    )
-    train.add_arguments(train_parser)
-    train_parser.set_defaults(func=_cmd_train)
-
-    evaluate_parser = sub.add_parser(
-        "evaluate",
-        help="COCO mAP of a trained model (checkpoint or MLflow URI) on a labelled dataset",
-        description=evaluate.DESCRIPTION,
-    )
-    evaluate.add_arguments(evaluate_parser)
-    evaluate_parser.set_defaults(func=_cmd_evaluate)
-
-    label_parser = sub.add_parser(
-        "label",
-        help="label images with a trained model on Ray Data (Parquet + COCO results, MLflow run)",
-        description=label.DESCRIPTION,
-    )
-    label.add_arguments(label_parser)
-    label_parser.set_defaults(func=_cmd_label)
-
-    serve_parser = sub.add_parser(
-        "serve",
-        help="serve a model over HTTP with Ray Serve (POST /detect), tracked in MLflow",
-        description=serve.DESCRIPTION,
-    )
-    serve.add_arguments(serve_parser)
-    serve_parser.set_defaults(func=_cmd_serve)
+    for name, job, help_text in _JOBS:  # each job module: DESCRIPTION, add_arguments, run
+        job_parser = sub.add_parser(name, help=help_text, description=job.DESCRIPTION)
+        job.add_arguments(job_parser)
+        job_parser.set_defaults(func=_runner(job))
     return parser
 
 
