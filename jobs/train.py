@@ -25,13 +25,15 @@ DESCRIPTION = """Train an SSD with Ray Train: N DDP workers (gloo on CPU, NCCL o
 Ray Data pipeline that decodes, augments and matches images on CPU workers. Each epoch is
 reported and checkpointed (model, optimiser, step, full config); a lost worker or node
 restarts the run from the last checkpoint (--max-failures); --resume continues a stopped
-run. The val split is evaluated with COCO mAP every train.eval_every epochs and at the end.
-Rank 0 logs params, metrics, pictures and the best checkpoint to MLflow ($MLFLOW_TRACKING_URI,
-default sqlite:///mlflow.db); the final model is registered and takes the `champion` alias
-if its mAP beats the current champion's."""
+run. Without augmentation the samples are prepared once and read back from Ray's object
+store every epoch (data.cache). The val split is evaluated with COCO mAP every
+train.eval_every epochs and at the end. Rank 0 logs params, metrics, pictures and the best
+checkpoint to MLflow ($MLFLOW_TRACKING_URI, default sqlite:///mlflow.db); the final model is
+registered and takes the `champion` alias if its mAP beats the current champion's."""
 
 RUN_FILE = "rayssd_run.json"  # in STORAGE/NAME: the MLflow run id and the config, for --resume
 DATA_RESERVE_CPUS = 0.5  # kept free for the data pipeline when training shares a small machine
+CACHE_STORE_SHARE = 0.5  # prepared samples are cached only if they take at most this share
 
 
 class TrainRunError(RuntimeError):
@@ -229,6 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if out.get("epochs_done", 0) >= cfg.train.epochs:
         _write_run_file(p, cfg, run_id, args.val_data, finished=True)
     out["history"] = board_state["epochs"]  # what rank 0 reported, in order (this session)
+    out["samples_cached"] = board_state["samples_cached"]
     out["workers"] = {str(rank): info for rank, info in sorted(board_state["workers"].items())}
     out["param_digests"] = {
         str(e): {str(r): d for r, d in v.items()} for e, v in board_state["digests"].items()
@@ -367,6 +370,9 @@ def _fit(args, p: Plan, data: dict[str, Any], tracker, cpus: float, data_cpus: f
     parts = data["val_rows"].split_at_indices(cuts) if cuts else [data["val_rows"]]
     for rank, part in enumerate(parts):
         datasets[f"val_{rank}"] = preprocess(part, cfg, train=False, workers=(1, 1), num_cpus=data_cpus)
+    cached = _cache_samples(cfg, data["num_train"] + n_val)
+    if cached:
+        datasets = _materialize(datasets, data["num_train"] + n_val)
     settings = {
         "config": C.to_dict(cfg),
         "dataset": {**data["info"].to_dict(), "num_train": data["num_train"]},
@@ -415,11 +421,41 @@ def _fit(args, p: Plan, data: dict[str, Any], tracker, cpus: float, data_cpus: f
                 raise TrainRunError(
                     f"run {p.name} failed (resume with --resume --name {p.name}):\n{exc}"
                 ) from exc
-        state = ray.get(board.state.remote())
+        state = {**ray.get(board.state.remote()), "samples_cached": cached}
     finally:
         for actor in (clock, board):
             ray.kill(actor)
     return result, state
+
+
+def _cache_samples(cfg: C.Config, images: int) -> bool:
+    """Whether to prepare the samples once (`data.cache`): only without augmentation (the
+    samples are then the same every epoch) and when they take at most half of the object store."""
+    import ray
+
+    from pipelines.preprocess import sample_bytes
+
+    if not cfg.data.cache or cfg.data.augment:
+        return False
+    need = images * sample_bytes(cfg)
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    if need > CACHE_STORE_SHARE * store:
+        print(
+            f"note: not caching the prepared samples ({need / 2**30:.1f} GiB; the object store "
+            f"holds {store / 2**30:.1f} GiB): they are prepared afresh every epoch",
+            flush=True,
+        )
+        return False
+    return True
+
+
+def _materialize(datasets: dict[str, Any], images: int) -> dict[str, Any]:
+    """Run the preprocessing once and keep the samples in the object store (see `_cache_samples`)."""
+    start = time.perf_counter()
+    print(f"preparing {images} samples once (no augmentation: every epoch reads them back)", flush=True)
+    cached = {name: ds.materialize() for name, ds in datasets.items()}
+    print(f"prepared {images} samples in {time.perf_counter() - start:.1f} s", flush=True)
+    return cached
 
 
 def _kill_named(*names: str) -> None:

@@ -94,6 +94,9 @@ class DataConfig:
     val_fraction: float = 0.1  # seeded split when the source has none
     augment: bool = True  # SSD photometric + geometric augmentation while training
     seed: int = 0
+    # Without augmentation every epoch sees the same samples: prepare them once, keep them in
+    # Ray's object store and read them back each epoch (skipped when they would not fit).
+    cache: bool = True
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,50 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_wa
         train_job.plan(_parse(["--resume", *_argv(builtin, tmp_path, "run")[:8]]))
 
 
+def test_without_augmentation_the_samples_are_prepared_once_and_the_images_not_read_again(
+    ray_local, builtin, tmp_path, monkeypatch
+):
+    import shutil
+
+    import ray
+
+    from pipelines.preprocess import ACTOR_NAMESPACE
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    source = Path(builtin["train"]).parents[1]
+    copy = tmp_path / "data"
+    shutil.copytree(source, copy)
+    data = {split: str(copy / "annotations" / f"instances_{split}.json") for split in ("train", "val")}
+    argv = _argv(data, tmp_path, "cached", "--workers", "1", "--register-as", "none")
+    argv += ["--set", "data.augment=false"]
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=_train(argv)), daemon=True)
+    thread.start()
+    moved = False
+    deadline = time.monotonic() + 240
+    while not moved and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.1)
+        try:
+            board = ray.get_actor("rayssd-progress-cached", namespace=ACTOR_NAMESPACE)
+            snap = ray.get(board.state.remote())["snapshot"]
+        except ValueError:
+            continue
+        if snap.get("phase") == "train":  # the samples are prepared: the images may go
+            for split in ("train", "val"):
+                (copy / split / "images").rename(copy / split / "gone")
+            moved = True
+    assert moved, "never saw training start"
+    thread.join(timeout=300)
+    result = outcome["result"]
+    assert result["samples_cached"] is True
+    assert result["epochs_done"] == 2 and [m["epoch"] for m in result["history"]] == [1.0, 2.0]
+    assert "map" in result["metrics"]  # the val split was evaluated from its cached samples too
+    assert not (copy / "train" / "images").exists()
+
+    again = _train(_argv(builtin, tmp_path, "augmented", "--workers", "1", "--register-as", "none", epochs=1))
+    assert again["samples_cached"] is False  # augmentation draws new samples every epoch
+
+
 def test_an_empty_val_split_is_refused_before_training(ray_local, builtin, tmp_path):
     argv = [a for a in _argv(builtin, tmp_path, "empty-val") if a not in ("--val-data", builtin["val"])]
     with pytest.raises(ValueError, match=r"no usable image left in .* \(split 'val'\)"):  # read_dataset's
