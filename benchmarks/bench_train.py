@@ -51,6 +51,8 @@ import torch
 import torchvision
 
 from jobs import train as train_job
+from jobs.quickstart import SETTINGS as QUICKSTART_SETTINGS
+from jobs.quickstart import WORKERS as QUICKSTART_WORKERS
 from pipelines.builtin import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES, write_builtin
 from pipelines.memory import keep_freed_memory
 from pipelines.prepare import with_classes
@@ -62,19 +64,6 @@ from ssd.model import build_ssd
 from ssd.optim import build_optimizer, learning_rate, set_learning_rate
 
 BATCH = 16  # per worker, both sections
-# The quickstart: what `tiny` on the built-in dataset is run with (tuned by hand; one place).
-# Measured on the 12k built-in images, 2 workers, no augmentation, val mAP@0.5 after 2 epochs:
-# batch 16/worker lr 3e-3 warm-up 1 epoch 0.879, warm-up 0.1 0.815; batch 8/worker warm-up
-# 0.3: lr 1.5e-3 0.869, lr 3e-3 0.897, lr 5e-3 0.906 (more, smaller steps and a higher rate).
-QUICKSTART_SETTINGS = [
-    "train.epochs=2",
-    "train.batch_size=8",
-    "train.lr=5e-3",
-    "data.augment=false",
-    "train.warmup_epochs=0.3",
-    "train.eval_every=2",
-]
-QUICKSTART_WORKERS = 2
 THROUGHPUT_EPOCHS = 2  # the second is the steady one
 THROUGHPUT_VAL_IMAGES = 64  # evaluated once, after the last epoch: only the wall time sees it
 # --quick: a smoke run that must stay under 4 minutes even on a busy 2-core machine

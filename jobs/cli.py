@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from types import ModuleType
 
-from jobs import data, demo, evaluate, label, prepare, serve, train
+from jobs import data, demo, evaluate, label, prepare, quickstart, serve, train
 from jobs.options import add_config_arguments, config_from_args
 from ssd import config as C
 
@@ -32,6 +32,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _JOBS = (
+    ("quickstart", quickstart, "the whole system on this machine: data, Ray Train, MLflow, labelling, Serve"),
     ("prepare", prepare, "validate a dataset and cache its matched samples as Parquet (Ray Data)"),
     ("train", train, "train with Ray Train (DDP workers, Ray Data input, checkpoints, MLflow)"),
     ("evaluate", evaluate, "COCO mAP of a trained model (checkpoint or MLflow URI) on a labelled dataset"),
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rayssd",
         description="rayssd: SSD (Single Shot MultiBox Detector) on Ray. "
-        "Commands: data builtin, prepare, train, evaluate, label, serve, demo, config, presets.",
+        "Start with `rayssd quickstart`. Commands: quickstart, data builtin, prepare, train, evaluate, "
+        "label, serve, submit, demo, config, presets, bench.",
         epilog="Run `rayssd COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as exc:  # bad config, arguments or input: say what, no traceback
         print(f"rayssd {args.command}: error: {exc}", file=sys.stderr)
         code = 2
-    except train.TrainRunError as exc:  # the workers failed beyond --max-failures; their errors are in exc
+    except (
+        train.TrainRunError,
+        quickstart.QuickstartError,
+    ) as exc:  # the workers failed beyond --max-failures; their errors are in exc
         print(f"rayssd {args.command}: error: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt as exc:  # jobs say how to continue (e.g. train: --resume --name RUN)

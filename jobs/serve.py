@@ -200,7 +200,7 @@ def _start_run(args: argparse.Namespace, model, settings, url: str):
 
     from pipelines.tracking import Tracker, tracking_uri
 
-    tags = {"rayssd.kind": "serve", "rayssd.model_uri": model.uri, "rayssd.url": url}
+    tags = {"rayssd.job": "serve", "rayssd.model_uri": model.uri, "rayssd.url": url}
     if model.version:
         tags["rayssd.model_version"] = f"{model.name}/{model.version}"
     tracker = Tracker.start(

@@ -309,7 +309,12 @@ def _datasets(args: argparse.Namespace, p: Plan) -> dict[str, Any]:
 def _start_tracking(args: argparse.Namespace, p: Plan, cfg: C.Config, data: dict[str, Any]):
     from pipelines.tracking import Tracker, tracking_uri
 
-    tags = {"rayssd.preset": cfg.name, "rayssd.data": str(args.data), "rayssd.storage": str(p.storage)}
+    tags = {
+        "rayssd.job": "train",
+        "rayssd.preset": cfg.name,
+        "rayssd.data": str(args.data),
+        "rayssd.storage": str(p.storage),
+    }
     tracker = Tracker.start(
         uri=tracking_uri(), experiment=args.experiment, run_name=p.name, tags=tags, run_id=p.run_id
     )
