@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from types import ModuleType
 
-from jobs import data, demo, evaluate, label, prepare, quickstart, serve, train
+from jobs import data, demo, evaluate, label, prepare, quickstart, serve, submit, train
 from jobs.options import add_config_arguments, config_from_args
 from ssd import config as C
 
@@ -38,13 +38,18 @@ _JOBS = (
     ("evaluate", evaluate, "COCO mAP of a trained model (checkpoint or MLflow URI) on a labelled dataset"),
     ("label", label, "label images with a trained model on Ray Data (Parquet + COCO results, MLflow run)"),
     ("serve", serve, "serve a model over HTTP with Ray Serve (POST /detect), tracked in MLflow"),
+    (
+        "submit",
+        submit,
+        "run one of these jobs on a Ray cluster (Jobs API), follow its log, exit with its status",
+    ),
 )
 
 
 def _runner(job: ModuleType) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        job.run(args)
-        return 0
+        code = job.run(args)  # a result for callers, or (submit) the exit status
+        return code if isinstance(code, int) else 0
 
     return run
 
