@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 from jobs import data, demo, evaluate, label, prepare, quickstart, serve, submit, train
@@ -24,6 +25,18 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         maps, boxes = len(cfg.anchors.feature_maps), cfg.anchors.num_default_boxes()
         print(f"{name:14s} {cfg.model.backbone:13s} {cfg.model.image_size:>5d}px {maps:>5d} {boxes:>14d}")
     return 0
+
+
+def _bench_module() -> ModuleType | None:
+    """`benchmarks/__main__.py` of this checkout (benchmarks are not part of the installed package)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        return None
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import benchmarks.__main__ as bench
+
+    return bench
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -84,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(func=_cmd_presets)
 
     data.register(sub)
+
+    bench = _bench_module()
+    if bench is not None:
+        bench_parser = sub.add_parser(
+            "bench",
+            help="run every benchmark and print one table of figures, baselines and goals",
+            description=bench.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        bench.add_arguments(bench_parser)
+        bench_parser.set_defaults(func=bench.run)
 
     for name, job, help_text in _JOBS:  # each job module: DESCRIPTION, add_arguments, run
         job_parser = sub.add_parser(name, help=help_text, description=job.DESCRIPTION)
