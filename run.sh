@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (once) and run rayssd from a fresh checkout.
-#   ./run.sh demo            install into .venv if needed, then run the core demo
-#   ./run.sh test [ARGS]     install into .venv if needed, then run the whole test suite
+#   ./run.sh quickstart [ARGS]  install into .venv if needed, then the whole system on this machine
+#   ./run.sh test [ARGS]        install into .venv if needed, then run the whole test suite
+#   ./run.sh demo               install into .venv if needed, then the core demo (no Ray)
 #   ./run.sh rayssd ARGS     install if needed, then any rayssd command
 # Idempotent: the .venv is reused and only reinstalled when pyproject.toml changes.
 set -euo pipefail
@@ -37,12 +38,13 @@ setup() {
     fi
 }
 
-cmd="${1:-demo}"
+cmd="${1:-quickstart}"
 shift || true
 setup
 case "$cmd" in
+    quickstart) exec "$VENV/bin/rayssd" quickstart "$@" ;;
     demo) exec "$VENV/bin/rayssd" demo "$@" ;;
     test) exec "$VENV/bin/python" -m pytest "$@" ;;
     rayssd) exec "$VENV/bin/rayssd" "$@" ;;
-    *) echo "usage: ./run.sh demo | test [pytest args] | rayssd ARGS" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh quickstart [--quick] | test [pytest args] | demo | rayssd ARGS" >&2; exit 2 ;;
 esac
