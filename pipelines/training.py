@@ -232,7 +232,7 @@ def _post_step(
             "loss": sums["loss"] / images,
             "cls_loss": sums["cls"] / images,
             "loc_loss": sums["loc"] / images,
-            "images_per_s": sums["images"] / max(elapsed, 1e-9),  # this rank; x workers overall
+            "images_per_s": sums["images"] * dist_world() / max(elapsed, 1e-9),  # all ranks, from this one
             "lr": lr,
             "eta_s": per_step * (total_steps - step),
         },

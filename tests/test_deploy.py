@@ -1,0 +1,269 @@
+"""The deployment files: ray_cluster.yaml is a cluster-launcher config Ray accepts, the KubeRay
+manifests agree with the code they run (train arguments, runtime environment, the Serve
+application's import path and args), and that application, built from Serve-style string
+args on a real local Ray, answers HTTP detections equal to the model called directly."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import inspect
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray.autoscaler
+import requests
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.serve.schema import ServeDeploySchema
+
+from jobs import train as train_job
+from pipelines import serving
+from pipelines.builtin import write_builtin
+from pipelines.serve_app import build, settings_overrides
+from tests.test_serving import _direct, _free_port
+from tests.trained_tiny import train_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+
+
+def _load(name: str) -> dict:
+    docs = list(yaml.safe_load_all((ROOT / name).read_text()))
+    assert len(docs) == 1, f"{name}: expected one document, got {len(docs)}"
+    return docs[0]
+
+
+def _containers(cluster_spec: dict) -> list[dict]:
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _app_config(service: dict) -> dict:
+    [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    return app
+
+
+# --- ray_cluster.yaml ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return _load("ray_cluster.yaml")
+
+
+def test_cluster_config_validates_against_rays_schema_which_refuses_unknown_fields(cluster):
+    import jsonschema
+
+    schema = json.loads(RAY_SCHEMA.read_text())
+    jsonschema.validate(cluster, schema)
+    typo = copy.deepcopy(cluster)
+    typo["available_node_types"]["gpu_worker"]["max_worker"] = 4
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        jsonschema.validate(typo, schema)
+
+
+def test_cluster_config_passes_rays_own_preparation_as_ray_up_does(cluster):
+    prepared = prepare_config(copy.deepcopy(cluster))  # defaults filled in, offline
+    validate_config(prepared)
+    assert prepared["available_node_types"]["head"]["max_workers"] == 0
+    assert prepared["worker_setup_commands"][: len(cluster["setup_commands"])] == cluster["setup_commands"]
+
+
+def test_cluster_has_an_idle_head_and_autoscaling_gpu_and_cpu_workers(cluster):
+    types = cluster["available_node_types"]
+    assert cluster["cluster_name"] == "rayssd"
+    assert types[cluster["head_node_type"]]["resources"] == {"CPU": 0}
+    workers = {name: t for name, t in types.items() if name != cluster["head_node_type"]}
+    gpu = [t for t in workers.values() if t["resources"].get("GPU", 0) >= 1]
+    cpu = [t for t in workers.values() if t["resources"].get("GPU", 0) == 0 and t["resources"]["CPU"] > 0]
+    assert len(gpu) == 1 and len(cpu) == 1
+    for t in (*gpu, *cpu):
+        assert t["min_workers"] == 0 < t["max_workers"]
+    assert sum(t["max_workers"] for t in workers.values()) <= cluster["max_workers"]
+
+
+def test_cluster_setup_installs_this_checkout_without_what_jobs_leave_out(cluster):
+    assert cluster["file_mounts"] == {"~/rayssd": "."}
+    assert "pip install -e ~/rayssd" in cluster["setup_commands"]
+    runtime_env = yaml.safe_load((ROOT / "runtime_env.yaml").read_text())
+    excluded = {p.rstrip("/") for p in cluster["rsync_exclude"]}
+    assert {p.rstrip("/") for p in runtime_env["excludes"]} <= excluded
+
+
+# --- KubeRay manifests ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    return _load("deploy/rayjob-train.yaml")
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict:
+    return _load("deploy/rayservice.yaml")
+
+
+def _train_args(entrypoint: str) -> argparse.Namespace:
+    words = shlex.split(entrypoint)
+    assert words[:3] == ["python", "-m", "jobs.train"]
+    parser = argparse.ArgumentParser()
+    train_job.add_arguments(parser)
+    return parser.parse_args(words[3:])  # SystemExit on an option `rayssd train` does not have
+
+
+def test_rayjob_runs_the_train_job_with_arguments_it_accepts(rayjob):
+    assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")
+    spec = rayjob["spec"]
+    assert spec["entrypoint"].startswith("python -m jobs.train ")
+    args = _train_args(spec["entrypoint"])
+    assert (args.preset, args.workers, args.gpus_per_worker) == ("tiny", 2, 1.0)
+    assert spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"] and cluster["workerGroupSpecs"]
+    gpu_groups = [
+        g
+        for g in cluster["workerGroupSpecs"]
+        for c in g["template"]["spec"]["containers"]
+        if int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
+    ]
+    assert sum(g["maxReplicas"] for g in gpu_groups) >= args.workers * args.gpus_per_worker
+
+
+def test_rayjob_storage_is_on_a_volume_every_pod_mounts(rayjob):
+    storage = Path(_train_args(rayjob["spec"]["entrypoint"]).storage)
+    for container in _containers(rayjob["spec"]["rayClusterSpec"]):
+        mounts = [Path(m["mountPath"]) for m in container.get("volumeMounts", [])]
+        assert any(storage.is_relative_to(m) for m in mounts), container["name"]
+
+
+def test_rayjob_runtime_env_is_runtime_env_yaml_without_a_local_working_dir(rayjob):
+    ours = yaml.safe_load((ROOT / "runtime_env.yaml").read_text())
+    env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    assert env["env_vars"] == ours["env_vars"]
+    assert "working_dir" not in env or "://" in env["working_dir"]  # "." is no path in a pod
+
+
+@pytest.mark.parametrize("name", ["deploy/rayjob-train.yaml", "deploy/rayservice.yaml"])
+def test_every_ray_container_has_the_mlflow_tracking_uri_and_string_start_params(name):
+    manifest = _load(name)
+    cluster = manifest["spec"].get("rayClusterSpec") or manifest["spec"]["rayClusterConfig"]
+    for container in _containers(cluster):
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env.get("MLFLOW_TRACKING_URI", "").startswith("http"), container["name"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        # KubeRay's CRD types rayStartParams as map[string]string: `num-cpus: 0` is refused
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+
+
+def test_rayservice_serves_the_import_path_that_builds_the_app(rayservice):
+    assert (rayservice["apiVersion"], rayservice["kind"]) == ("ray.io/v1", "RayService")
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)  # Serve's own check of a config file
+    app = _app_config(rayservice)
+    assert (app["name"], app["route_prefix"]) == (serving.APP_NAME, "/")  # what serving.shutdown deletes
+    assert app["import_path"] == "pipelines.serve_app:build"
+    module, _, attr = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert callable(builder) and len(inspect.signature(builder).parameters) == 1  # Serve's rule
+    assert rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+
+
+def test_rayservice_serves_the_model_the_rayjob_registers(rayservice, rayjob):
+    args = _app_config(rayservice)["args"]
+    settings_overrides(args)  # every key known, every value of its type
+    registered = _train_args(rayjob["spec"]["entrypoint"]).register_as
+    assert args["model"] == f"models:/{registered}@champion"
+
+
+# --- the application builder ---------------------------------------------------------------
+
+
+def test_building_without_a_model_names_the_missing_key():
+    with pytest.raises(ValueError, match="'model' is required"):
+        build({})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"model": "x.pt", "max_batch": 4}, "unknown key.*max_batch"),
+        ({"model": "x.pt", "max_batch_size": "many"}, "max_batch_size='many' is not an integer"),
+        ({"model": "x.pt", "replicas": 1.5}, "replicas=1.5 is not an integer"),
+        ({"model": "x.pt", "autoscale": "4"}, "autoscale='4' is not detector replicas"),
+    ],
+)
+def test_bad_args_are_refused_before_the_model_is_read(args, message):
+    with pytest.raises(ValueError, match=message):
+        build(args)
+
+
+def test_args_given_as_strings_become_serving_settings():
+    overrides = settings_overrides(
+        {"model": "m", "batch_wait_ms": "20", "max_request_mb": 0.25, "autoscale": "1:4", "replicas": 2}
+    )
+    assert overrides == {
+        "batch_wait_timeout_s": 0.02,
+        "max_request_bytes": 262_144,
+        "autoscale": (1, 4),
+        "replicas": 2,
+    }
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("builtin")
+    write_builtin(root, seed=0, train_images=64, val_images=4, image_size=160)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(builtin, tmp_path_factory) -> str:
+    return train_tiny(builtin, tmp_path_factory.mktemp("trained"))
+
+
+@pytest.mark.slow
+def test_the_built_application_answers_http_like_the_model_called_directly(ray_local, builtin, trained):
+    from ray import serve
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})  # as serving.start does
+    try:
+        # strings, as `serve run pipelines.serve_app:build key=value` passes them
+        app = build(
+            {
+                "model": trained,
+                "max_batch_size": "4",
+                "batch_wait_ms": "20",
+                "replicas": "1",
+                "detector_cpus": "0.5",
+                "ingress_cpus": "0.25",
+            }
+        )
+        serve.run(app, name=serving.APP_NAME, route_prefix="/")
+        serving.wait_until_healthy(url, timeout_s=240.0)
+        jpeg = sorted((builtin / "val" / "images").glob("*.jpg"))[0].read_bytes()
+        response = requests.post(
+            f"{url}/detect",
+            data=jpeg,
+            headers={"Content-Type": "image/jpeg"},
+            params={"score_threshold": "0.05"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        expected = _direct(trained, jpeg, 0.05, answer["max_detections"])
+        assert len(answer["boxes"]) >= 1  # a trained model finds the scene's shapes
+        assert answer["labels"] == expected["labels"].tolist()
+        np.testing.assert_allclose(answer["boxes"], expected["boxes"].reshape(-1, 4), atol=1e-3)
+        np.testing.assert_allclose(answer["scores"], expected["scores"], atol=1e-5)
+        served = requests.get(f"{url}/model", timeout=30).json()["serving"]
+        assert (served["max_batch_size"], served["batch_wait_timeout_s"]) == (4, 0.02)
+    finally:
+        serving.shutdown()
+    assert serving.APP_NAME not in serve.status().applications
