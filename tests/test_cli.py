@@ -20,7 +20,8 @@ def test_help_lists_only_working_commands():
     assert out.returncode == 0
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {
-        *("demo", "config", "presets", "data", "prepare", "train", "evaluate", "label", "serve")
+        *("quickstart", "demo", "config", "presets", "data", "prepare", "train", "evaluate"),
+        *("label", "serve", "submit", "bench"),
     }
     for command in sub.choices:
         assert command in out.stdout

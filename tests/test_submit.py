@@ -42,6 +42,11 @@ def head():
     argv = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(_free_port())]
     argv += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(port), "--include-dashboard", "true"]
     argv += ["--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"]
+    # Its own agent ports: the defaults (52365 …) belong to the session's Ray if one runs,
+    # and a head whose job agent cannot bind never accepts a job.
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                 "metrics-export-port", "ray-client-server-port"):  # fmt: skip
+        argv += [f"--{flag}", str(_free_port())]
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
