@@ -3,7 +3,7 @@
     python -m benchmarks.bench_serve [--quick] [--model URI] [--clients 1,8,32] [--markdown FILE]
 
 Every figure runs the same work per image: decode a 640x480 JPEG, resize to the model's
-input (`pipelines.serving.prepare`), detect (`ssd.detector.Detector`, 1 torch thread, as one
+input (`pipelines.serve_requests.prepare`), detect (`ssd.detector.Detector`, 1 torch thread, as one
 detector replica with 1 CPU has), at the serving default threshold.
 
 1. Direct, in this process: one image at a time (batch 1), and the serve batch size
@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from benchmarks.report import publish
-from pipelines import serving
+from pipelines import serve_requests, serving
 from pipelines.models import load_model
 from ssd import checkpoint
 from ssd import config as C
@@ -82,9 +82,10 @@ def bench_direct(model_uri: str, data: bytes, batch: int, calls: int) -> dict[st
         latencies = []
         for i in range(calls + 2):
             start = time.perf_counter()
-            prepared = [serving.prepare(data, limit, size) for _ in range(batch)]
+            prepared = [serve_requests.prepare(data, limit, size) for _ in range(batch)]
             images = torch.from_numpy(np.stack([image for image, _ in prepared]))  # [B, 3, S, S]
-            detector(images, [hw for _, hw in prepared], score_threshold=serving.DEFAULT_SCORE_THRESHOLD)
+            threshold = serve_requests.DEFAULT_SCORE_THRESHOLD
+            detector(images, [hw for _, hw in prepared], score_threshold=threshold)
             if i >= 2:  # two warm-up calls
                 latencies.append(time.perf_counter() - start)
     finally:

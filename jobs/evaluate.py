@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 from typing import Any
 
@@ -64,6 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from pipelines.batch_inference import evaluate_dataset, require_labelled_source
+    from pipelines.label_outputs import json_safe
     from pipelines.models import load_model
 
     if args.batch_size < 1 or args.workers < 1:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(format_table(metrics))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(metrics), f, indent=2, sort_keys=True)
+            json.dump(json_safe(metrics), f, indent=2, sort_keys=True)
         print(f"metrics written to {args.out}")
     return metrics
 
@@ -114,15 +114,6 @@ def format_table(metrics: dict[str, Any]) -> str:
         f"({metrics['images_per_s']:.1f} images/s)"
     )
     return "\n".join(lines)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (no ground truth of that kind) becomes null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:

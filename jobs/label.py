@@ -95,8 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from pipelines.batch_inference import check_output, detector_cpus, label_source, require_labelled_source
+    from pipelines.batch_inference import detector_cpus, label_source, require_labelled_source
     from pipelines.datasets import detect_source
+    from pipelines.label_outputs import check_output
     from pipelines.models import load_model
 
     _check_numbers(args)

@@ -140,6 +140,7 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> dict[s
 
     from pipelines import serving
     from pipelines.models import load_model
+    from pipelines.serve_stats import PUSH_INTERVAL_S
     from ssd import config as C
 
     if args.metrics_every <= 0 or (args.duration is not None and args.duration <= 0):
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> dict[s
     finally:
         summary = None
         if started:
-            time.sleep(2 * serving.PUSH_INTERVAL_S)  # the replicas' last numbers reach the board
+            time.sleep(2 * PUSH_INTERVAL_S)  # the replicas' last numbers reach the board
             summary = serving.stats()  # totals over the deployment's life
             metrics.log(summary)
         metrics.tracker.end(status)
@@ -188,7 +189,7 @@ class _RunMetrics:
         self.step = 0
 
     def log(self, summary: dict[str, Any] | None) -> None:
-        from pipelines.serving import flat_metrics
+        from pipelines.serve_stats import flat_metrics
 
         if summary is not None:
             self.tracker.log_metrics(flat_metrics(summary), step=self.step)

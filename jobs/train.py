@@ -474,7 +474,7 @@ def _kill_named(*names: str) -> None:
 
 
 def _finish(args, p: Plan, cfg: C.Config, result, tracker) -> dict[str, Any]:
-    from pipelines.tracking import log_model
+    from pipelines.registry import log_model
     from ssd import checkpoint as ckpt_io
 
     if result.error is not None:

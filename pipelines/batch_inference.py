@@ -16,9 +16,9 @@ workers detect, one place computes mAP with pycocotools.
 `label_source` labels every image of a source (`pipelines.datasets.read_dataset`: an image
 folder, a COCO file or a VOC root, local or a URI): `decode_batch` tasks decode and resize,
 `BatchLabeller` actors detect, Ray Data writes Parquet, and the driver turns the Parquet into
-a COCO results file. The output directory holds (`LABEL_OUTPUTS`):
+a COCO results file. The output directory holds (`pipelines.label_outputs.LABEL_OUTPUTS`):
 
-    labels/*.parquet   one row per labelled image, `LABEL_SCHEMA` (plain Arrow list columns)
+    labels/*.parquet   one row per labelled image, `label_outputs.LABEL_SCHEMA` (Arrow lists)
     detections.json    COCO results: [{image_id, category_id, bbox [x, y, w, h] px, score}]
     images.json        COCO image info: images [{id, file_name (path), width, height}],
                        categories (the model's), annotations [] — ``COCO(images.json)
@@ -34,8 +34,6 @@ and for an image folder 0..N-1 in sorted path order (unreadable files keep their
 
 from __future__ import annotations
 
-import heapq
-import io
 import json
 import logging
 import math
@@ -46,64 +44,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import ray
 import torch
 
+from pipelines import label_outputs as outputs
 from pipelines.datasets import DatasetInfo, coco_ground_truth, detect_source, read_dataset
-from pipelines.pictures import detection_grid
 from pipelines.preprocess import preprocess, read_image
-from pipelines.sources import Location, is_image_name, list_files, resolve_location
-from pipelines.validation import IMAGE_KINDS, REPORT_FILE, IngestReport
 from ssd.detector import Detector
-from ssd.evaluate import CocoEvaluator, to_coco_results
+from ssd.evaluate import CocoEvaluator
 from ssd.transforms import eval_transform
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from pipelines.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
 DETECTION_COLUMNS = ("image_id", "width", "height", "boxes", "scores", "labels")
 _PASSED_THROUGH = ("image_id", "width", "height")
-# Written by Ray Data as plain list columns, so any Parquet reader gets [K, 4] boxes without
-# Ray's tensor extension types (a block whose rows all have K detections would otherwise
-# become a fixed-shape tensor column, and the next one a variable-shaped one).
-LABEL_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.int64()),
-        ("path", pa.string()),
-        ("width", pa.int64()),  # original image, pixels
-        ("height", pa.int64()),
-        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),  # [K, 4] xyxy original pixels
-        ("scores", pa.list_(pa.float32())),  # [K] descending
-        ("labels", pa.list_(pa.int64())),  # [K] model labels 1..num classes
-        ("category_ids", pa.list_(pa.int64())),  # [K] the model's dataset["category_ids"]
-        ("category_names", pa.list_(pa.string())),  # [K] the model's dataset["class_names"]
-    ]
-)
-LABELS_DIR = "labels"
-DETECTIONS_FILE = "detections.json"
-IMAGES_FILE = "images.json"
-ERRORS_FILE = "errors.json"
-SAMPLES_FILE = "samples.jpg"
-SUMMARY_FILE = "summary.json"
-LABEL_OUTPUTS = (
-    LABELS_DIR,
-    DETECTIONS_FILE,
-    IMAGES_FILE,
-    ERRORS_FILE,
-    REPORT_FILE,
-    SAMPLES_FILE,
-    SUMMARY_FILE,
-)
-SKIPPED = "not_an_image"  # errors.json kind of a folder file without an image extension
-SAMPLE_IMAGES = 8
-SAMPLE_SIDE = 256  # pixels: sample pictures are shrunk to fit, so a grid of photos stays small
-SAMPLE_SCORE_THRESHOLD = 0.3  # detections drawn on the samples
 # Ray CPUs are logical. Decoding and resizing an image costs a fraction of detecting it (tiny
 # preset, one thread: 0.5 ms for a 160 px JPEG, 2 ms for 640 x 480, against ~7 ms) and writing
 # Parquet less, so their tasks ask for a quarter CPU each; the detector actors share the rest
@@ -226,7 +183,7 @@ def label_table(
         "category_ids": pa.ListArray.from_arrays(offsets, pa.array(category, pa.int64())),
         "category_names": pa.ListArray.from_arrays(offsets, pa.array(names, pa.string())),
     }
-    return pa.table(columns, schema=LABEL_SCHEMA)
+    return pa.table(columns, schema=outputs.LABEL_SCHEMA)
 
 
 def _concat(arrays: Sequence[np.ndarray], dtype: type, tail: tuple[int, ...]) -> np.ndarray:
@@ -459,39 +416,6 @@ def evaluate_dataset(
 # --- labelling a source into an output directory ----------------------------------------
 
 
-def check_output(out: str, *, overwrite: bool = False) -> Location:
-    """The output directory `out` (local path or URI). ValueError if it is a file, or a
-    directory that already holds something and `overwrite` is False."""
-    location = resolve_location(out)
-    kind = location.file_type()
-    if kind == pafs.FileType.File:
-        raise ValueError(f"output directory {location.uri} is a file; expected a new or empty directory")
-    if kind == pafs.FileType.Directory and not overwrite:
-        held = sorted(
-            info.base_name for info in location.filesystem.get_file_info(pafs.FileSelector(location.path))
-        )
-        if held:
-            shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
-            raise ValueError(
-                f"output directory {location.uri} already holds {shown}; pass --overwrite to replace "
-                f"the labelling outputs in it ({', '.join(LABEL_OUTPUTS)}), or choose another directory"
-            )
-    return location
-
-
-def _clear_outputs(location: Location) -> None:
-    """Delete the `LABEL_OUTPUTS` of an earlier run (nothing else) and make sure the directory exists."""
-    fs = location.filesystem
-    for name in LABEL_OUTPUTS:
-        path = location.join(name).path
-        kind = fs.get_file_info(path).type
-        if kind == pafs.FileType.Directory:
-            fs.delete_dir(path)
-        elif kind == pafs.FileType.File:
-            fs.delete_file(path)
-    fs.create_dir(location.path, recursive=True)
-
-
 def label_source(
     source: str,
     model: LoadedModel,
@@ -528,13 +452,13 @@ def label_source(
     from pipelines.tracking import tracking_uri as resolve_tracking_uri
 
     start = time.perf_counter()
-    location = check_output(out, overwrite=overwrite)
+    location = outputs.check_output(out, overwrite=overwrite)
     if evaluate:
         require_labelled_source(source)
-    _clear_outputs(location)
+    outputs.clear_outputs(location)
     ds, info, report = read_dataset(source, strict=strict, report_dir=location.uri)
-    errors = _image_errors(report) + _skipped_files(info)
-    _write(location, ERRORS_FILE, json.dumps(errors, indent=1).encode())
+    errors = outputs.image_errors(report) + outputs.skipped_files(info)
+    outputs.write(location, outputs.ERRORS_FILE, json.dumps(errors, indent=1).encode())
     evaluator = _evaluator(ds, info, model, source) if evaluate else None
     if num_cpus is None:
         num_cpus = detector_cpus(ray.cluster_resources().get("CPU", 0.0), workers)
@@ -554,21 +478,25 @@ def label_source(
     )
     labelled = time.perf_counter()
     rows.write_parquet(
-        location.join(LABELS_DIR).path,
+        location.join(outputs.LABELS_DIR).path,
         filesystem=location.filesystem,
         ray_remote_args={"num_cpus": WRITE_CPUS},
     )
     seconds = time.perf_counter() - labelled
-    images, detections, samples = _write_results(location, model.dataset, evaluator)
-    _write(location, SAMPLES_FILE, _jpeg(sample_grid(samples, model.dataset["class_names"])))
+    images, detections, samples = outputs.write_results(location, model.dataset, evaluator)
+    outputs.write(
+        location,
+        outputs.SAMPLES_FILE,
+        outputs.jpeg(outputs.sample_grid(samples, model.dataset["class_names"])),
+    )
     summary = {
         "input": info.source,
         "kind": info.kind,
         "out": location.uri,
         "model": _lineage(model),
         "images": images,
-        "errors": sum(1 for e in errors if e["kind"] != SKIPPED),
-        "skipped": sum(1 for e in errors if e["kind"] == SKIPPED),
+        "errors": sum(1 for e in errors if e["kind"] != outputs.SKIPPED),
+        "skipped": sum(1 for e in errors if e["kind"] == outputs.SKIPPED),
         "first_errors": errors[:5],
         "detections": detections,
         "seconds": seconds,
@@ -576,12 +504,12 @@ def label_source(
         "batch_size": batch_size,
         "workers": workers,
         "cpus_per_worker": num_cpus,
-        "metrics": _without_text(evaluator.summarize()) if evaluator is not None else None,
-        "files": {name: location.join(name).uri for name in LABEL_OUTPUTS},
+        "metrics": outputs.without_text(evaluator.summarize()) if evaluator is not None else None,
+        "files": {name: location.join(name).uri for name in outputs.LABEL_OUTPUTS},
         "mlflow_run": mlflow_run,
         "total_seconds": time.perf_counter() - start,
     }
-    _write(location, SUMMARY_FILE, json.dumps(_json_safe(summary), indent=2).encode())
+    outputs.write(location, outputs.SUMMARY_FILE, json.dumps(outputs.json_safe(summary), indent=2).encode())
     return summary
 
 
@@ -595,129 +523,3 @@ def _lineage(model: LoadedModel) -> dict[str, Any]:
         "loaded_as": _worker_uri(model),
         "config": model.cfg.name,
     }
-
-
-def _image_errors(report: IngestReport) -> list[dict[str, Any]]:
-    return [
-        {"path": e.file, "image_id": e.image_id, "kind": e.kind, "reason": e.detail}
-        for e in report.entries
-        if e.kind in IMAGE_KINDS
-    ]
-
-
-def _skipped_files(info: DatasetInfo) -> list[dict[str, Any]]:
-    """Files of an image folder that the reader passes over for their name."""
-    if info.kind != "folder":
-        return []
-    root = resolve_location(info.image_root)
-    return [
-        {
-            "path": root.join(name).uri,
-            "image_id": None,
-            "kind": SKIPPED,
-            "reason": "not read: the name has no image extension",
-        }
-        for name in list_files(root)
-        if not is_image_name(name)
-    ]
-
-
-def _write_results(
-    location: Location, dataset: dict, evaluator: CocoEvaluator | None
-) -> tuple[int, int, list[dict[str, Any]]]:
-    """Stream the written Parquet into ``detections.json`` (and `evaluator`), then write
-    ``images.json``. Returns (images, detections, the `SAMPLE_IMAGES` rows of lowest id)."""
-    label_to_cat = {label: int(cid) for label, cid in enumerate(dataset["category_ids"], start=1)}
-    parquet = pads.dataset(location.join(LABELS_DIR).path, format="parquet", filesystem=location.filesystem)
-    images: list[dict[str, Any]] = []
-    samples: list[dict[str, Any]] = []
-    detections = 0
-    with location.filesystem.open_output_stream(location.join(DETECTIONS_FILE).path) as stream:
-        stream.write(b"[")
-        for batch in parquet.to_batches():
-            rows = _rows(batch)
-            for row in rows:
-                results = to_coco_results(
-                    row["image_id"], row["boxes"], row["scores"], row["labels"], label_to_cat
-                )
-                if results:
-                    stream.write((b",\n" if detections else b"\n") + json.dumps(results)[1:-1].encode())
-                detections += len(results)
-                images.append(
-                    {
-                        "id": row["image_id"],
-                        "file_name": row["path"],
-                        "width": row["width"],
-                        "height": row["height"],
-                    }
-                )
-            if evaluator is not None and rows:
-                evaluator.update(
-                    *([row[k] for row in rows] for k in ("image_id", "boxes", "scores", "labels"))
-                )
-            samples = heapq.nsmallest(SAMPLE_IMAGES, samples + rows, key=lambda row: row["image_id"])
-        stream.write(b"\n]\n")
-    categories = [{"id": int(c), "name": n} for n, c in zip(dataset["class_names"], dataset["category_ids"])]
-    images.sort(key=lambda image: image["id"])
-    info = {"images": images, "categories": categories, "annotations": []}
-    _write(location, IMAGES_FILE, json.dumps(info, indent=1).encode())
-    return len(images), detections, samples
-
-
-def _rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
-    """`LABEL_SCHEMA` rows as dicts of numbers, paths and numpy arrays (boxes [K, 4])."""
-    cuts = np.cumsum(batch.column("scores").value_lengths().to_numpy(zero_copy_only=False))[:-1]
-    boxes = np.split(batch.column("boxes").flatten().flatten().to_numpy().reshape(-1, 4), cuts)
-    scores = np.split(batch.column("scores").flatten().to_numpy(), cuts)
-    labels = np.split(batch.column("labels").flatten().to_numpy(), cuts)
-    plain = {key: batch.column(key).to_pylist() for key in ("image_id", "path", "width", "height")}
-    return [
-        {**{key: plain[key][i] for key in plain}, "boxes": boxes[i], "scores": scores[i], "labels": labels[i]}
-        for i in range(batch.num_rows)
-    ]
-
-
-def sample_grid(rows: Sequence[dict[str, Any]], class_names: Sequence[str]) -> Image.Image:
-    """The images of `rows` (``path``, ``boxes`` [K, 4] xyxy pixels, ``scores``, ``labels``),
-    each shrunk to fit `SAMPLE_SIDE` pixels, with their detections scoring at least
-    `SAMPLE_SCORE_THRESHOLD`, four to a row (`pipelines.pictures.detection_grid`)."""
-    from PIL import Image
-
-    pictures, detections = [], []
-    for row in rows:
-        pixels = read_image(row["path"])
-        height, width = pixels.shape[:2]
-        scale = min(1.0, SAMPLE_SIDE / max(height, width))
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        if scale < 1.0:
-            pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
-        factor = np.array([size[0] / width, size[1] / height] * 2, dtype=np.float32)
-        pictures.append(pixels)
-        detections.append({"boxes": row["boxes"] * factor, "scores": row["scores"], "labels": row["labels"]})
-    return detection_grid(
-        pictures, detections, class_names=class_names, score_threshold=SAMPLE_SCORE_THRESHOLD
-    )
-
-
-def _jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def _write(location: Location, name: str, data: bytes) -> None:
-    with location.filesystem.open_output_stream(location.join(name).path) as stream:
-        stream.write(data)
-
-
-def _without_text(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in metrics.items() if key != "summary_text"}
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (e.g. no ground truth of a size) becomes null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(v) for key, v in value.items()}
-    return value

@@ -42,7 +42,6 @@ from pipelines.sources import (
     probe_source,
     read_coco,
     read_folder,
-    read_voc,
     resolve_location,
 )
 from pipelines.validation import (
@@ -56,6 +55,7 @@ from pipelines.validation import (
     check_images_batch,
     describe_box,
 )
+from pipelines.voc import read_voc
 
 __all__ = [
     "ROW_COLUMNS",

@@ -1,6 +1,6 @@
 """The MLflow pyfunc model of a rayssd checkpoint, logged as code (MLflow "models from code").
 
-`pipelines.tracking.log_model` logs this file with ``artifacts={"checkpoint": ...}``; MLflow
+`pipelines.registry.log_model` logs this file with ``artifacts={"checkpoint": ...}``; MLflow
 runs it when the model is loaded, so no Python object is ever pickled. The weights are
 read with ``weights_only=True`` like every other rayssd checkpoint.
 

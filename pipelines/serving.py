@@ -34,12 +34,8 @@ OpenAPI page at ``/docs``.
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
 # (`request: Request`) after Serve rewrites their signatures, and strings do not resolve there.
 import asyncio
-import io
 import logging
-import math
 import time
-import uuid
-from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,15 +46,21 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image
 from ray import serve
-from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 
+from pipelines.serve_requests import (
+    ACCEPTED_TYPES,
+    DEFAULT_SCORE_THRESHOLD,
+    MAX_DETECTIONS,
+    RequestError,
+    detect_params,
+    image_bytes,
+    prepare,
+)
+from pipelines.serve_stats import Reporter, StatsBoard
 from ssd import config as C
 from ssd.detector import Detector
-from ssd.transforms import eval_transform
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -69,18 +71,9 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "rayssd"
 BOARD_NAME = "rayssd-serve-stats"
-ACCEPTED_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/bmp": "BMP"}
-GENERIC_TYPES = ("", "application/octet-stream")  # no claim: the format is read from the bytes
-# Formats PIL may identify: the accepted ones plus common ones we refuse with 415 rather than
-# call "not an image". Never EPS & co., whose PIL plugins run external programs.
-IDENTIFIED_FORMATS = (*ACCEPTED_TYPES.values(), "GIF", "TIFF", "ICO")
-DEFAULT_SCORE_THRESHOLD = 0.3  # a useful answer, unlike the 0.01 kept for mAP; = the pyfunc's
-MAX_DETECTIONS = 1000
 HEALTH_TIMEOUT_S = 5.0
 INGRESS_MAX_ONGOING = 128  # the ingress mostly awaits the detector; let it hold many requests
 DETECTOR_QUEUE_BATCHES = 8  # a detector replica takes this many batches' worth of requests
-PUSH_INTERVAL_S = 0.5  # replicas send their numbers to the board this often
-KEEP_SAMPLES_S = 600.0  # the board keeps latency and batch samples this long
 # A detector replica died, is being replaced, or every replica's queue is full: the client may retry.
 UNAVAILABLE = (
     ray.exceptions.RayActorError,
@@ -150,256 +143,6 @@ class ServeSettings:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
-
-
-# --- request checking and decoding (ingress side) ------------------------------------------
-
-
-class RequestError(Exception):
-    """A request we refuse: the HTTP status and a message for the client."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";")[0].strip().lower()
-
-
-def check_media_type(media: str, where: str) -> None:
-    if media not in ACCEPTED_TYPES and media not in GENERIC_TYPES:
-        raise RequestError(
-            415, f"{where} type {media!r} is not accepted; send one of {', '.join(ACCEPTED_TYPES)}"
-        )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def image_bytes(request: Request, limit: int) -> bytes:
-    """The image's bytes from a raw or a multipart body (its format is read from the bytes)."""
-    media = media_type(request.headers.get("content-type"))
-    if media != "multipart/form-data":
-        check_media_type(media, "content")
-    body = await read_body(request, limit)
-    if not body:
-        raise RequestError(400, "empty request body; send the image bytes or a multipart file part")
-    if media != "multipart/form-data":
-        return body
-    return await _multipart_file(request.headers, body)
-
-
-async def _multipart_file(headers: Headers, body: bytes) -> bytes:
-    async def once():
-        yield body
-
-    try:
-        form = await MultiPartParser(headers, once(), max_files=1, max_fields=8).parse()
-    except MultiPartException as exc:
-        raise RequestError(400, f"malformed multipart body: {exc.message}") from None
-    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-    if not files:
-        raise RequestError(
-            400, "multipart body has no file part; send the image as a file field, e.g. 'file'"
-        )
-    check_media_type(media_type(files[0].content_type), f"multipart part {files[0].filename or 'file'!r}")
-    data = await files[0].read()
-    await form.close()
-    if not data:
-        raise RequestError(400, "the multipart file part is empty")
-    return data
-
-
-def decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Image bytes → uint8 [H, W, 3] RGB, checking the pixel count from the header first."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=IDENTIFIED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise RequestError(413, f"image exceeds the limit of {max_pixels} pixels ({exc})") from None
-    except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
-        raise RequestError(400, f"body is not an image; send one of {', '.join(ACCEPTED_TYPES)}") from None
-    with image:
-        if image.format not in ACCEPTED_TYPES.values():
-            raise RequestError(
-                415, f"{image.format} images are not accepted; send one of {', '.join(ACCEPTED_TYPES)}"
-            )
-        width, height = image.size
-        if width * height > max_pixels:
-            raise RequestError(
-                413, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-            )
-        try:
-            return np.array(image.convert("RGB"))  # as pipelines.preprocess.read_image
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise RequestError(422, f"{image.format} image data is corrupt or truncated: {exc}") from None
-
-
-def prepare(data: bytes, max_pixels: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image bytes → (uint8 [3, size, size], original (height, width))."""
-    pixels = decode(data, max_pixels)  # [H, W, 3]
-    resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), size)  # [S, S, 3]
-    return np.ascontiguousarray(resized.transpose(2, 0, 1)), pixels.shape[:2]
-
-
-def detect_params(query: Any, default_max: int) -> tuple[float, int]:
-    """(score_threshold, max_detections) from the query string; 422 naming the bad one."""
-    threshold, most = DEFAULT_SCORE_THRESHOLD, default_max
-    raw = query.get("score_threshold")
-    if raw is not None:
-        try:
-            threshold = float(raw)
-        except ValueError:
-            threshold = math.nan
-        if not 0.0 <= threshold < 1.0:
-            raise RequestError(422, f"score_threshold must be a number in [0, 1), got {raw!r}")
-    raw = query.get("max_detections")
-    if raw is not None:
-        if not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_DETECTIONS:
-            raise RequestError(422, f"max_detections must be an integer in 1..{MAX_DETECTIONS}, got {raw!r}")
-        most = int(raw)
-    return threshold, most
-
-
-# --- numbers: per replica, then one board for all ------------------------------------------
-
-
-class Recorder:
-    """One replica's counts since it started, and the samples not yet sent to the board."""
-
-    def __init__(self) -> None:
-        self.key = uuid.uuid4().hex
-        self.counts: Counter[str] = Counter()
-        self.latencies: list[tuple[float, float]] = []  # (end time s, seconds) of answered requests
-        self.batches: list[tuple[float, int]] = []  # (time s, size)
-
-    def request(self, status: int, seconds: float) -> None:
-        self.counts["requests"] += 1
-        self.counts[f"status:{status}"] += 1
-        if status == 200:  # a refusal's latency says nothing about detection
-            self.latencies.append((time.time(), seconds))
-
-    def batch(self, size: int) -> None:
-        self.counts[f"batch_size:{size}"] += 1
-        self.batches.append((time.time(), size))
-
-    def take(self) -> dict[str, Any]:
-        snapshot = {"counts": dict(self.counts), "latencies": self.latencies, "batches": self.batches}
-        self.latencies, self.batches = [], []
-        return snapshot
-
-
-class Reporter:
-    """Sends a replica's `Recorder` to the board every `PUSH_INTERVAL_S` from its event loop."""
-
-    def __init__(self, board: Any) -> None:
-        self.board = board
-        self.recorder = Recorder()
-        self._task: asyncio.Task | None = None
-        self._sent: dict[str, int] = {}
-
-    def ensure_running(self) -> None:
-        """Start the sending task (call from the replica's event loop)."""
-        if self._task is None and self.board is not None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(PUSH_INTERVAL_S)
-            if self.recorder.counts == self._sent:
-                continue
-            snapshot = self.recorder.take()
-            try:
-                await self.board.push.remote(self.recorder.key, snapshot)
-            except ray.exceptions.RayActorError:
-                log.warning("serving stats board is gone; this replica stops reporting")
-                return
-            self._sent = dict(snapshot["counts"])
-
-
-class StatsBoard:
-    """Ray actor: the latest counts of every replica (kept after it dies) and recent samples."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.counts: dict[str, dict[str, int]] = {}
-        self.pushes = 0  # samples carry the number of the push that brought them
-        self.latencies: deque[tuple[int, float, float]] = deque(maxlen=200_000)  # (push, time, s)
-        self.batches: deque[tuple[int, float, int]] = deque(maxlen=200_000)  # (push, time, size)
-
-    def push(self, replica: str, snapshot: dict[str, Any]) -> None:
-        self.pushes += 1
-        self.counts[replica] = snapshot["counts"]
-        self.latencies.extend((self.pushes, t, x) for t, x in snapshot["latencies"])
-        self.batches.extend((self.pushes, t, n) for t, n in snapshot["batches"])
-        horizon = time.time() - KEEP_SAMPLES_S
-        for samples in (self.latencies, self.batches):
-            while samples and samples[0][1] < horizon:
-                samples.popleft()
-
-    def summary(self, window_s: float | None = None, after: list | None = None) -> dict[str, Any]:
-        """Totals since deployment, plus latency (answered requests) and batch sizes of the
-        samples that arrived since `after` (the ``cursor`` of an earlier summary: each sample
-        is then reported once), else that ended in the last `window_s` seconds, else all kept.
-        """
-        now = time.time()
-        totals: Counter[str] = Counter()
-        for counts in self.counts.values():
-            totals.update(counts)
-        status = {k.split(":", 1)[1]: v for k, v in sorted(totals.items()) if k.startswith("status:")}
-        sizes = {int(k.split(":", 1)[1]): v for k, v in totals.items() if k.startswith("batch_size:")}
-        if after is not None:
-            push, since = after
-            window_s = now - since
-            latencies = [x for p, _, x in self.latencies if p > push]
-            recent = [n for p, _, n in self.batches if p > push]
-        else:
-            since = now - window_s if window_s else -math.inf
-            latencies = [x for _, t, x in self.latencies if t >= since]
-            recent = [n for _, t, n in self.batches if t >= since]
-        ms = np.array(latencies) * 1000.0
-        return {
-            "requests": totals["requests"],
-            "errors": sum(v for k, v in status.items() if int(k) >= 400),
-            "status": status,
-            "batches": sum(sizes.values()),
-            "batch_sizes": {str(k): sizes[k] for k in sorted(sizes)},
-            "window_s": window_s,
-            "answered": len(ms),
-            "latency_ms": {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)} if len(ms) else None,
-            "batch_size_mean": float(np.mean(recent)) if recent else None,
-            "batch_size_max": max(recent) if recent else None,
-            "cursor": [self.pushes, now],
-        }
-
-
-def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """`StatsBoard.summary` as MLflow metrics: ``requests``, ``errors``, ``status_<code>``,
-    ``latency_p50_ms`` .. ``latency_p99_ms``, ``requests_per_s``, ``batch_size_mean`` / ``_max``."""
-    metrics = {"requests": summary["requests"], "errors": summary["errors"], "batches": summary["batches"]}
-    metrics.update({f"status_{code}": n for code, n in summary["status"].items()})
-    for name, value in (summary["latency_ms"] or {}).items():
-        metrics[f"latency_{name}_ms"] = value
-    if summary["window_s"]:
-        metrics["requests_per_s"] = summary["answered"] / summary["window_s"]
-    for key in ("batch_size_mean", "batch_size_max"):
-        if summary[key] is not None:
-            metrics[key] = summary[key]
-    return metrics
 
 
 # --- deployments ---------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from pipelines.datasets import (
     detect_source,
     read_dataset,
 )
-from pipelines.sources import VOC_CLASSES, fraction_split
+from pipelines.sources import fraction_split
 from pipelines.validation import PROBLEM_KINDS, REPORT_FILE
+from pipelines.voc import VOC_CLASSES
 from ssd.evaluate import CocoEvaluator
 
 

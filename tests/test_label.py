@@ -18,11 +18,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from jobs import label
-from pipelines.batch_inference import LABEL_SCHEMA, decode_batch, label_source, label_table
+from pipelines.batch_inference import decode_batch, label_source, label_table
 from pipelines.builtin import write_builtin
+from pipelines.label_outputs import LABEL_SCHEMA
 from pipelines.models import load_model
 from pipelines.preprocess import read_image
-from pipelines.tracking import Tracker, log_model
+from pipelines.registry import log_model
+from pipelines.tracking import Tracker
 from ssd.detector import Detector
 from ssd.transforms import eval_transform
 from tests.trained_tiny import BATCH, direct_metrics, train_tiny

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipelines.models import LoadedModel, load_model
-from pipelines.tracking import Tracker, log_model
+from pipelines.registry import log_model
+from pipelines.tracking import Tracker
 from ssd import checkpoint
 from ssd import config as C
 from ssd.model import build_ssd

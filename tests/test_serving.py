@@ -23,8 +23,11 @@ from PIL import Image
 
 from jobs import serve as serve_job
 from pipelines.models import load_model
-from pipelines.serving import DEFAULT_SCORE_THRESHOLD, StatsBoard, flat_metrics, select
-from pipelines.tracking import Tracker, log_model
+from pipelines.registry import log_model
+from pipelines.serve_requests import DEFAULT_SCORE_THRESHOLD
+from pipelines.serve_stats import StatsBoard, flat_metrics
+from pipelines.serving import select
+from pipelines.tracking import Tracker
 from ssd import checkpoint
 from ssd import config as C
 from ssd.detector import Detector

@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipelines import pictures
-from pipelines.tracking import Tracker, check_reachable, log_model, tracking_uri
+from pipelines.registry import log_model
+from pipelines.tracking import Tracker, check_reachable, tracking_uri
 from ssd import checkpoint
 from ssd import config as C
 from ssd.model import build_ssd
