@@ -110,15 +110,22 @@ def run_suite(name: str, quick: bool, out_dir: Path) -> tuple[str, float, int]:
     return text, seconds, status
 
 
+def _ratio(row: Goal) -> float | None:
+    """The row's ratio; a figure that is itself a ratio ("a / b") stands for its own."""
+    for text, allowed in ((row.ratio, True), (row.rayssd, " / " in row.figure)):
+        text = text.rstrip("x")
+        if allowed and text.replace(".", "", 1).isdigit():
+            return float(text)
+    return None
+
+
 def plot(rows: list[Goal], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratios = [
-        (r, float(r.ratio.rstrip("x"))) for r in rows if r.ratio.rstrip("x").replace(".", "", 1).isdigit()
-    ]
+    ratios = [(r, value) for r in rows if (value := _ratio(r)) is not None]
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(ratios) + 1.5))
     names = [f"{r.suite}: {r.figure[:60]}" for r, _ in ratios]
     ax.barh(
@@ -128,8 +135,10 @@ def plot(rows: list[Goal], path: str) -> None:
         target = re.search(NUMBER, r.goal)
         if target:
             ax.plot([float(target.group(1))] * 2, [i - 0.4, i + 0.4], color="black")
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log")  # ratios from 0.5x to 16x side by side
     ax.invert_yaxis()
-    ax.set_xlabel("rayssd / baseline (black: goal)")
+    ax.set_xlabel("rayssd / baseline, log scale (black: goal)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -48,7 +48,7 @@ def _job_parser(module: str):
 
 def _check_job(argv: list[str]) -> None:
     module = argv[2]
-    if module.startswith("benchmarks."):
+    if module == "benchmarks" or module.startswith("benchmarks."):
         help_text = subprocess.run(
             [sys.executable, "-m", module, "--help"], cwd=PROJECT, capture_output=True, text=True, timeout=120
         ).stdout
