@@ -60,12 +60,12 @@ def log_model(
     cfg = checkpoint.config_of(ckpt)
     value = float(ckpt.get("metrics", {}).get(metric, float("nan")))
     tags = {"config": cfg.name, metric: str(value), "epoch": str(ckpt["epoch"]), "step": str(ckpt["step"])}
-    logged = tracker._safely(
+    logged = tracker.safely(
         "logging the model", _log_pyfunc, tracker, Path(checkpoint_file), cfg.model.image_size, tags
     )
     if logged is None or register_as is None:
         return None
-    return tracker._safely(
+    return tracker.safely(
         "registering the model", _register, tracker, register_as, logged, metric, value, alias, tags
     )
 

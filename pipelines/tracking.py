@@ -189,7 +189,7 @@ class Tracker:
             "tracker.run_id) and call Tracker.start(..., run_id=run_id) there"
         )
 
-    def _safely(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def safely(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs), or None after warning and disabling if it fails."""
         if not self.enabled:
             return None
@@ -207,7 +207,7 @@ class Tracker:
         skipped; ones with a different value (a resumed run with a changed setting) are
         skipped with a warning instead of failing the whole batch.
         """
-        self._safely("logging params", self._log_params, params)
+        self.safely("logging params", self._log_params, params)
 
     def _log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -227,7 +227,7 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log numeric values at `step`; others (strings, lists, None) are skipped."""
-        self._safely("logging metrics", self._log_metrics, metrics, step)
+        self.safely("logging metrics", self._log_metrics, metrics, step)
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -242,20 +242,20 @@ class Tracker:
             self._client.log_batch(self.run_id, metrics=rows[i : i + METRICS_PER_BATCH])
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self._safely("logging an artifact", self._client_call("log_artifact"), local_path, artifact_path)
+        self.safely("logging an artifact", self._client_call("log_artifact"), local_path, artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._safely("logging text", self._client_call("log_text"), text, artifact_file)
+        self.safely("logging text", self._client_call("log_text"), text, artifact_file)
 
     def log_image(self, image: PIL.Image.Image, artifact_file: str) -> None:
-        self._safely("logging an image", self._client_call("log_image"), image, artifact_file=artifact_file)
+        self.safely("logging an image", self._client_call("log_image"), image, artifact_file=artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """Log a matplotlib figure as an image file (format from the file's extension)."""
-        self._safely("logging a figure", self._client_call("log_figure"), figure, artifact_file)
+        self.safely("logging a figure", self._client_call("log_figure"), figure, artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._safely("setting tags", self._set_tags, tags)
+        self.safely("setting tags", self._set_tags, tags)
 
     def _set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -268,7 +268,7 @@ class Tracker:
         """Mark the run FINISHED, FAILED or KILLED."""
         if status not in RUN_STATUSES:
             raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
-        self._safely("ending the run", self._client_call("set_terminated"), status)
+        self.safely("ending the run", self._client_call("set_terminated"), status)
 
     def _client_call(self, method: str) -> Callable[..., Any]:
         """A client method with this run's id bound first (resolved only when enabled)."""
