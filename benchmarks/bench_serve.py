@@ -11,7 +11,7 @@ detector replica with 1 CPU has), at the serving default threshold.
 2. `rayssd serve` on a local Ray (1 ingress replica, 1 detector replica of 1 CPU, default
    batching) under a closed-loop load generator: C keep-alive connections on one asyncio loop,
    each sending the next request when its answer arrives, C = 1, 8, 32: images/s, request
-   p50/p99 latency, and the CPU the load generator itself took (cores).
+   p50/p99 latency, and the CPU the load generator's loop took (cores).
    goals: at 32 clients >= 80 % of the direct batched rate;
           at 1 client p50 overhead over the direct batch-1 call <= 15 ms.
 The clients share the machine with the server (on 2 cores they take part of a core).
@@ -45,6 +45,7 @@ from ssd.synthetic import CLASS_NAMES, make_scene
 
 GOAL_THROUGHPUT = 0.80  # serve at 32 clients / direct at the serve batch size
 GOAL_OVERHEAD_MS = 15.0  # serve p50 at 1 client - direct p50 at batch 1
+REQUEST_TIMEOUT_S = 120.0  # one answer; a server that hangs fails the run instead of stalling it
 
 
 def _tiny_model(directory: str) -> str:
@@ -97,7 +98,7 @@ def bench_direct(model_uri: str, data: bytes, batch: int, calls: int) -> dict[st
 def closed_loop(url: str, data: bytes, clients: int, seconds: float, warmup_s: float) -> dict[str, float]:
     """`clients` HTTP/1.1 keep-alive connections, each sending the next request as soon as its
     answer arrives, all on one asyncio loop, so the load generator takes little of the cores
-    the server shares with it. Adds ``client_cpu``: the cores this process used meanwhile."""
+    the server shares with it. Adds ``client_cpu``: the cores that loop's thread used."""
     parsed = urlparse(url)
     head = (
         f"POST /detect HTTP/1.1\r\nHost: {parsed.netloc}\r\nContent-Type: image/jpeg\r\n"
@@ -112,7 +113,8 @@ def closed_loop(url: str, data: bytes, clients: int, seconds: float, warmup_s: f
         try:
             while (now := time.perf_counter()) < stop_at:
                 writer.write(head + data)
-                status = await _read_response(reader)
+                await writer.drain()
+                status = await asyncio.wait_for(_read_response(reader), REQUEST_TIMEOUT_S)
                 done = time.perf_counter()
                 if status != 200:
                     raise RuntimeError(f"a request failed with status {status} at {clients} clients")
@@ -120,29 +122,37 @@ def closed_loop(url: str, data: bytes, clients: int, seconds: float, warmup_s: f
                     latencies.append(done - now)
         finally:
             writer.close()
+            await writer.wait_closed()
 
     async def all_clients() -> None:
         await asyncio.gather(*(client() for _ in range(clients)))
 
-    cpu = time.process_time()
+    cpu = time.thread_time()  # asyncio.run runs the loop in this thread
     asyncio.run(all_clients())
     stats = _stats(latencies, len(latencies), seconds)
-    stats["client_cpu"] = (time.process_time() - cpu) / (time.perf_counter() - start)
+    stats["client_cpu"] = (time.thread_time() - cpu) / (time.perf_counter() - start)
     return stats
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
-    """Read one HTTP/1.1 response with a Content-Length body; its status code."""
-    status = int((await reader.readline()).split()[1])
-    length = None
-    while (line := await reader.readline()) not in (b"\r\n", b""):
+    """Read one HTTP/1.1 response with a Content-Length body; its status code. ConnectionError
+    if the server closes the connection first or answers in a form this client does not read."""
+    status_line = await reader.readline()
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ConnectionError(f"no HTTP status line from the server (got {status_line[:80]!r})")
+    headers = {}
+    while (line := await reader.readline()) != b"\r\n":
+        if not line:
+            raise ConnectionError(f"the server closed the connection in the headers (status {int(parts[1])})")
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    if length is None:
-        raise RuntimeError("response without Content-Length")
-    await reader.readexactly(length)
-    return status
+        headers[name.strip().lower()] = value.strip()
+    if b"content-length" not in headers:
+        raise ConnectionError(f"status {int(parts[1])} without Content-Length (headers {sorted(headers)})")
+    await reader.readexactly(int(headers[b"content-length"]))
+    if headers.get(b"connection", b"").lower() == b"close":
+        raise ConnectionError(f"the server closed the connection after status {int(parts[1])}")
+    return int(parts[1])
 
 
 def _free_port() -> int:

@@ -116,7 +116,7 @@ class BatchDetector:
 
 
 class BatchLabeller:
-    """Ray Data callable class: `decode_batch` rows → a pyarrow Table of `LABEL_SCHEMA` rows.
+    """Ray Data callable class: `decode_batch` rows → a pyarrow Table of `label_outputs.LABEL_SCHEMA` rows.
 
     Takes `BatchDetector`'s arguments and names each label with the model's own classes.
     """
@@ -159,7 +159,7 @@ def label_table(
     class_names: Sequence[str],
     category_ids: Sequence[int],
 ) -> pa.Table:
-    """`BatchDetector` output for B images and their paths → B rows of `LABEL_SCHEMA`.
+    """`BatchDetector` output for B images and their paths → B rows of `label_outputs.LABEL_SCHEMA`.
 
     Label k (1..K) names ``class_names[k - 1]`` and ``category_ids[k - 1]``.
     """
@@ -288,7 +288,7 @@ def label_rows(
 ) -> ray.data.Dataset:
     """Lazily label source `rows` (`pipelines.datasets` columns; boxes are not read): decode
     and resize in `decode_batch` tasks of `decode_cpus` CPUs each, then detect in a pool of
-    `BatchLabeller` actors (`_detector_pool`). Returns `LABEL_SCHEMA` rows.
+    `BatchLabeller` actors (`_detector_pool`). Returns `label_outputs.LABEL_SCHEMA` rows.
 
     Decoding runs in tasks beside the detector actors, so each actor only ever detects;
     `image_size` is the model's input side in pixels.
@@ -433,7 +433,7 @@ def label_source(
     mlflow_run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Label every readable image of `source` with `model` and write the files of the module
-    docstring to `out` (local or URI; see `check_output` for `overwrite`).
+    docstring to `out` (local or URI; see `label_outputs.check_output` for `overwrite`).
 
     Bad images (unreadable, truncated, corrupt, missing; `pipelines.validation`) and, in an
     image folder, files without an image extension are listed in ``errors.json``; with

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "model"  # the logged model's name inside its run
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 SSD_PACKAGE = Path(__file__).resolve().parent.parent / "ssd"
+# The signature's default. Keep equal to pipelines.mlflow_model's, which is not imported here:
+# that file is the logged model's code and registers the model when imported.
+DEFAULT_SCORE_THRESHOLD = 0.3
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,6 @@ def _signature(image_size: int) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
     from mlflow.types.schema import Array
-
-    from pipelines.mlflow_model import DEFAULT_SCORE_THRESHOLD
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, image_size, image_size))]),

@@ -50,3 +50,51 @@ def test_rayssd_bench_runs_a_suite_and_writes_the_report_and_plot(tmp_path):
         from jobs.cli import main
 
         main(["bench", "--only", "nope"])
+
+
+def _answer_with(response: bytes) -> int | Exception:
+    """`_read_response` against a real local asyncio server that sends `response` and closes."""
+    import asyncio
+
+    from benchmarks.bench_serve import _read_response
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    async def ask() -> int | Exception:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /detect HTTP/1.1\r\n\r\n")
+            try:
+                return await asyncio.wait_for(_read_response(reader), 10)
+            except ConnectionError as exc:
+                return exc
+            finally:
+                writer.close()
+
+    return asyncio.run(ask())
+
+
+def test_the_load_generator_reads_a_status_and_refuses_what_it_cannot_read():
+    body = b'{"boxes": []}'
+    ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    assert _answer_with(ok) == 200
+    assert _answer_with(ok.replace(b"200 OK", b"503 Service Unavailable")) == 503
+    closed = _answer_with(b"")
+    assert isinstance(closed, ConnectionError) and "no HTTP status line" in str(closed)
+    chunked = _answer_with(
+        b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    assert isinstance(chunked, ConnectionError) and "status 500 without Content-Length" in str(chunked)
+    cut = _answer_with(b"HTTP/1.1 200 OK\r\ncontent-le")
+    assert isinstance(cut, ConnectionError) and "closed the connection in the headers" in str(cut)
+    last = _answer_with(ok.replace(b"content-length", b"connection: close\r\ncontent-length"))
+    assert isinstance(last, ConnectionError) and "after status 200" in str(last)
