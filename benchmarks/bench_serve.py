@@ -141,18 +141,19 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     parts = status_line.split()
     if len(parts) < 2 or not parts[1].isdigit():
         raise ConnectionError(f"no HTTP status line from the server (got {status_line[:80]!r})")
+    status = int(parts[1])
     headers = {}
     while (line := await reader.readline()) != b"\r\n":
         if not line:
-            raise ConnectionError(f"the server closed the connection in the headers (status {int(parts[1])})")
+            raise ConnectionError(f"the server closed the connection in the headers (status {status})")
         name, _, value = line.partition(b":")
         headers[name.strip().lower()] = value.strip()
     if b"content-length" not in headers:
-        raise ConnectionError(f"status {int(parts[1])} without Content-Length (headers {sorted(headers)})")
+        raise ConnectionError(f"status {status} without Content-Length (headers {sorted(headers)})")
     await reader.readexactly(int(headers[b"content-length"]))
     if headers.get(b"connection", b"").lower() == b"close":
-        raise ConnectionError(f"the server closed the connection after status {int(parts[1])}")
-    return int(parts[1])
+        raise ConnectionError(f"the server closed the connection after status {status}")
+    return status
 
 
 def _free_port() -> int:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="session")
@@ -29,18 +30,12 @@ def ray_local():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` (sqlite store, proxied artifacts, one worker) for the session;
     yields its URI ``http://127.0.0.1:PORT``."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log_path = root / "server.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
@@ -84,4 +79,4 @@ def _wait_for_health(uri: str, server: subprocess.Popen, log_path, timeout_s: fl
 @pytest.fixture
 def dead_tracking_uri() -> str:
     """An http tracking URI on a free port nobody listens on."""
-    return f"http://127.0.0.1:{_free_port()}"
+    return f"http://127.0.0.1:{free_port()}"

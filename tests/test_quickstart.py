@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _quickstart(workdir: Path, out: Path, env: dict[str, str]) -> tuple[dict, str]:
@@ -30,7 +25,7 @@ def _quickstart(workdir: Path, out: Path, env: dict[str, str]) -> tuple[dict, st
         "--out",
         str(out),
         "--port",
-        str(_free_port()),
+        str(free_port()),
     ]
     done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

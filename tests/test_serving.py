@@ -33,6 +33,7 @@ from ssd import config as C
 from ssd.detector import Detector
 from ssd.model import build_ssd
 from ssd.transforms import eval_transform
+from tests.ports import free_port
 
 REGISTERED = "serve-test"
 EXPERIMENT = "test-serve"
@@ -41,12 +42,6 @@ MAX_IMAGE_PIXELS = 250_000
 BATCH = 4
 CLASSES = {"class_names": ["a", "b"], "category_ids": [3, 5]}
 QUERY = {"score_threshold": "0.05", "max_detections": "20"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _encoded(pixels: np.ndarray, fmt: str) -> bytes:
@@ -138,7 +133,7 @@ def server(ray_local, mlflow_server, champion):
     s = Server(
         [
             *("--model", champion, "--tracking-uri", mlflow_server, "--experiment", EXPERIMENT),
-            *("--port", str(_free_port()), "--max-batch-size", str(BATCH), "--batch-wait-ms", "50"),
+            *("--port", str(free_port()), "--max-batch-size", str(BATCH), "--batch-wait-ms", "50"),
             *(
                 "--max-request-mb",
                 str(MAX_REQUEST_BYTES / 2**20),

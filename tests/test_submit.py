@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,17 +16,12 @@ import pytest
 
 from jobs import submit
 from pipelines.builtin import write_builtin
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +32,15 @@ def head():
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # jobs run `python`
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
-    port = _free_port()
-    argv = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(_free_port())]
+    port = free_port()
+    argv = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(free_port())]
     argv += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(port), "--include-dashboard", "true"]
     argv += ["--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats"]
     # Its own agent ports: the defaults (52365 …) belong to the session's Ray if one runs,
     # and a head whose job agent cannot bind never accepts a job.
     for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                  "metrics-export-port", "ray-client-server-port"):  # fmt: skip
-        argv += [f"--{flag}", str(_free_port())]
+        argv += [f"--{flag}", str(free_port())]
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
