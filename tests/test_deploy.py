@@ -25,7 +25,8 @@ from jobs import train as train_job
 from pipelines import serving
 from pipelines.builtin import write_builtin
 from pipelines.serve_app import build, settings_overrides
-from tests.test_serving import _direct, _free_port
+from tests.ports import free_port
+from tests.test_serving import _direct
 from tests.trained_tiny import train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +231,7 @@ def trained(builtin, tmp_path_factory) -> str:
 def test_the_built_application_answers_http_like_the_model_called_directly(ray_local, builtin, trained):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})  # as serving.start does
     try:
