@@ -91,7 +91,7 @@ class BatchDetector:
 
         torch.set_num_threads(threads)  # an actor owns its CPUs; no oversubscription
         loaded = load_model(model_uri, tracking_uri=tracking_uri)
-        self.detector = Detector(loaded.model.to(device), loaded.cfg)
+        self.detector = Detector(loaded.model.to(device), loaded.cfg, channels_last=True)
         self.dataset = loaded.dataset  # class_names, category_ids of labels 1..K
         self.score_threshold = score_threshold
         self.max_detections = max_detections

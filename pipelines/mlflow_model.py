@@ -28,7 +28,7 @@ class SSDModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         ckpt = checkpoint.load(context.artifacts["checkpoint"])
         model, cfg = checkpoint.build_model(ckpt)
-        self.detector = Detector(model, cfg)
+        self.detector = Detector(model, cfg, channels_last=True)
         self.image_size = cfg.model.image_size
         self.class_names = list(ckpt["dataset"]["class_names"])
 

@@ -22,9 +22,17 @@ class Detector:
 
     The model is used as given (pass the bare module, not a DDP wrapper) and put in eval
     mode for the call, then back into the mode it was in.
+
+    ``channels_last=True`` moves the model's weights, in place, to the channels-last memory
+    layout, in which oneDNN's CPU convolutions and cuDNN's run faster (measured on 2 CPU
+    threads: `tiny` forward ~10 %, `ssdlite320` ~40 %, `ssd300_vgg16` ~25 % less time). Results
+    are the same up to float rounding. For inference paths that own their model (labelling,
+    serving, the MLflow model); a model that is still training keeps its layout.
     """
 
-    def __init__(self, model: nn.Module, cfg: C.Config) -> None:
+    def __init__(self, model: nn.Module, cfg: C.Config, *, channels_last: bool = False) -> None:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # 4-D weights only; biases stay as they are
         self.model = model
         self.cfg = cfg
         self.default_boxes = default_boxes(cfg)  # [A, 4] cxcywh in [0, 1]

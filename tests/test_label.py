@@ -64,9 +64,10 @@ def folder(builtin, tmp_path_factory) -> Path:
 
 def _direct(model_path: str, paths: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """The oracle: each image decoded, resized and detected here, one at a time, on one torch
-    thread (as in a one-CPU actor); path -> boxes, scores, labels."""
+    thread with channels-last weights (as in a one-CPU labelling actor); path -> boxes, scores,
+    labels."""
     loaded = load_model(model_path)
-    detector, size = Detector(loaded.model, loaded.cfg), loaded.cfg.model.image_size
+    detector, size = Detector(loaded.model, loaded.cfg, channels_last=True), loaded.cfg.model.image_size
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}

@@ -91,7 +91,7 @@ def direct_metrics(ckpt_path: str, root: Path) -> dict:
     model, cfg = checkpoint.build_model(checkpoint.load(ckpt_path))
     coco, images, sizes = split(root, "val")
     ids = [im["id"] for im in coco["images"]]
-    detector, evaluator = Detector(model, cfg), CocoEvaluator(coco)
+    detector, evaluator = Detector(model, cfg, channels_last=True), CocoEvaluator(coco)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a one-CPU actor: same reduction order, same floats
     try:
