@@ -3,10 +3,12 @@
     client ─HTTP─► Serve proxy ─► Ingress (FastAPI, N replicas) ─handle─► Detector (M replicas)
 
 The ingress checks the request, decodes the image and resizes it to the model's input
-(`ssd.transforms.eval_transform`, as `rayssd evaluate` does), then sends uint8 [3, S, S] and the
-original (height, width) to the detector. The detector stacks whatever arrived within
-``batch_wait_timeout_s`` (at most ``max_batch_size``, both retunable through ``user_config``)
-and runs `ssd.detector.Detector` once per batch. Decoding and detection scale apart.
+(`ssd.transforms.eval_transform`, as `rayssd evaluate` does), then hands uint8 [3, S, S] and the
+original (height, width) to its `serve_coalesce.Coalescer`, which sends the requests that queued
+together to the detector in one call (up to ``max_batch_size`` images). The detector stacks the
+images of the calls that arrived within ``batch_wait_timeout_s`` (at most ``max_batch_size``
+images, both retunable through ``user_config``) and runs `ssd.detector.Detector` once per
+batch, its weights in the channels-last layout. Decoding and detection scale apart.
 
 HTTP contract (every answer is JSON; errors are ``{"error": message, "status": code}``):
 
@@ -49,6 +51,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipelines.serve_coalesce import Coalescer
 from pipelines.serve_requests import (
     ACCEPTED_TYPES,
     DEFAULT_SCORE_THRESHOLD,
@@ -167,6 +170,11 @@ def select(found: dict[str, torch.Tensor], score_threshold: float, max_detection
     return {k: v[keep][:max_detections].numpy() for k, v in found.items()}
 
 
+def images_in(calls: list[list[DetectRequest]]) -> int:
+    """The detector's batch size: images, whichever calls they came in."""
+    return sum(len(call) for call in calls)
+
+
 @serve.deployment(name="Detector")
 class BatchedDetector:
     """The model, once per replica; concurrent `detect` calls become one `Detector` call."""
@@ -176,9 +184,10 @@ class BatchedDetector:
 
         torch.set_num_threads(threads)  # a replica owns its CPUs
         loaded = load_model(model_uri, tracking_uri=tracking_uri)
-        self.detector = Detector(loaded.model, loaded.cfg)
+        self.detector = Detector(loaded.model, loaded.cfg, channels_last=True)
         self.reporter = Reporter(board)
         self.batch_wait_timeout_s = 0.0  # set by reconfigure()
+        self.max_batch_size = 1  # images per Detector call; set by reconfigure()
         self._pending = 0  # detect() calls not answered yet
         # Torch runs off the event loop, so requests keep queueing (and filling the next batch).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssd-detect")
@@ -187,33 +196,43 @@ class BatchedDetector:
         """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, applied without a restart
         (batches above the deployment's ``max_ongoing_requests`` never fill)."""
         self.batch_wait_timeout_s = float(user_config["batch_wait_timeout_s"])
-        self.detect_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        self.max_batch_size = int(user_config["max_batch_size"])
+        self.detect_batch.set_max_batch_size(self.max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
 
     def ping(self) -> bool:
         return True
 
-    async def detect(self, request: DetectRequest) -> dict[str, np.ndarray]:
-        """Detections of one image: ``boxes`` float32 [K, 4] xyxy original pixels, ``scores``
+    async def detect(self, requests: list[DetectRequest]) -> list[dict[str, np.ndarray]]:
+        """Detections of each image: ``boxes`` float32 [K, 4] xyxy original pixels, ``scores``
         float32 [K] descending, ``labels`` int64 [K] in 1..num_classes-1."""
         self.reporter.ensure_running()
         # An idle replica starts at once: waiting for company that is not coming only adds
         # latency. A busy one waits batch_wait_timeout_s for the next batch to fill. (Serve
-        # reads the timeout when a batch's first request is taken from its queue.)
+        # reads the timeout when a batch's first call is taken from its queue.)
         idle = self._pending == 0
         self.detect_batch.set_batch_wait_timeout_s(0.0 if idle else self.batch_wait_timeout_s)
         self._pending += 1
         try:
-            return await self.detect_batch(request)
+            most = self.max_batch_size
+            parts = [requests[i : i + most] for i in range(0, len(requests), most)]  # each fits a batch
+            answers = await asyncio.gather(*(self.detect_batch(part) for part in parts))
+            return [found for answer in answers for found in answer]
         finally:
             self._pending -= 1
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced by reconfigure()
-    async def detect_batch(self, requests: list[DetectRequest]) -> list[dict[str, np.ndarray]]:
+    # A batch holds whole calls, at most max_batch_size images in all.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=images_in)  # see reconfigure()
+    async def detect_batch(self, calls: list[list[DetectRequest]]) -> list[list[dict[str, np.ndarray]]]:
+        requests = [request for call in calls for request in call]
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self._pool, self._run, requests)
         self.reporter.recorder.batch(len(requests))
-        return found
+        answers, start = [], 0
+        for call in calls:
+            answers.append(found[start : start + len(call)])
+            start += len(call)
+        return answers
 
     def _run(self, requests: list[DetectRequest]) -> list[dict[str, np.ndarray]]:
         images = torch.from_numpy(np.stack([r.image for r in requests]))  # [B, 3, S, S] uint8
@@ -296,6 +315,14 @@ class Ingress:
         self.board = board
         # Decoding off the event loop; PIL releases the GIL while it decodes.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayssd-decode")
+        # Two calls in flight per detector replica: one running, the next one queued there.
+        replicas = self.limits["autoscale"][1] if self.limits["autoscale"] else self.limits["replicas"]
+        self._batches = Coalescer(
+            self._send, max_items=self.limits["max_batch_size"], max_in_flight=2 * max(1, replicas)
+        )
+
+    async def _send(self, requests: list[DetectRequest]) -> list[dict[str, np.ndarray]]:
+        return await self.detector.detect.remote(requests)
 
     @app.post("/detect", openapi_extra=_DETECT_OPENAPI)
     async def detect(self, request: Request) -> JSONResponse:
@@ -326,7 +353,7 @@ class Ingress:
         image, (height, width) = await loop.run_in_executor(
             self._pool, prepare, data, self.limits["max_image_pixels"], self.info["input_size"]
         )
-        found = await self.detector.detect.remote(DetectRequest(image, (height, width), threshold, most))
+        found = await self._batches.submit(DetectRequest(image, (height, width), threshold, most))
         labels = found["labels"].tolist()
         return {
             "boxes": found["boxes"].tolist(),

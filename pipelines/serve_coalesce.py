@@ -1,0 +1,83 @@
+"""Ingress-side batching: requests that wait together go to the detector in one call.
+
+Every handle call costs the ingress (routing, submitting the actor task, awaiting it) and the
+detector replica (receiving, queueing) about the same whatever it carries, so one call per
+request spends most of two cores on calls once tens of clients wait. `Coalescer` keeps a few
+calls in flight and, each time one returns, sends everything that queued meanwhile as the next
+call. An idle server sends a lone request at once (no added latency); a busy one sends
+batches that grow with the load.
+
+Serve's `@serve.batch` forms its next batch as soon as one item arrives and only then waits
+for a free slot (`max_concurrent_batches`), so under load its batches stay small; here the batch
+is taken when the slot frees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Coalescer(Generic[Item, Result]):
+    """`submit(item)` → the item's result from ``send(items)``, which answers a sequence of
+    items with their results in the same order.
+
+    At most `max_in_flight` ``send`` calls run at once, each with at most `max_items` items,
+    taken in arrival order. A ``send`` that raises fails every item it carried with that error;
+    a submitter that stops waiting (cancelled) does not stop the others.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        *,
+        max_items: int,
+        max_in_flight: int = 2,
+    ) -> None:
+        if max_items < 1 or max_in_flight < 1:
+            raise ValueError(f"max_items and max_in_flight must be >= 1, got {max_items}, {max_in_flight}")
+        self._send = send
+        self.max_items = max_items
+        self.max_in_flight = max_in_flight
+        self._queue: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references until each call ends
+
+    async def submit(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        while self._queue and self._in_flight < self.max_in_flight:
+            batch = [self._queue.popleft() for _ in range(min(self.max_items, len(self._queue)))]
+            self._in_flight += 1
+            task = asyncio.create_task(self._call(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        try:
+            results = await self._send([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"send answered {len(results)} results for {len(batch)} items")
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+        except asyncio.CancelledError:  # the replica is shutting down
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # every waiter hears of it; nothing is swallowed
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        finally:
+            self._in_flight -= 1
+            self._dispatch()
