@@ -10,13 +10,15 @@ it keeps the same 200 detections per image a briefly trained one does, so post-p
 the same). Batches of 32.
 
 1. Steady state, images/s from the first batch on (worker start-up is a per-run constant, as in
-   bench_pipeline): `label_rows` (decode tasks, one single-thread detector actor per CPU) vs the
-   plain loop (decode, resize, `Detector` on a stacked batch, default torch threads).
-                                                                      goal: >= 1.6x
-   Also shown: the loop on one torch thread, and the ceiling of any k-process scheme on k CPUs,
-   k x that rate: the pipeline does the loop's work plus moving data, so it cannot beat it.
+   bench_pipeline): `label_rows` (decode tasks, one single-thread detector actor per CPU, weights
+   channels-last) vs the issue's plain loop: one image at a time, decode, resize, the model as
+   loaded (`Detector`, default layout), default torch threads.              goal: >= 1.6x
+   Beside it, a stronger baseline than the issue asks for: the same loop batched by 32. Also
+   shown: that loop on one torch thread, and the ceiling of any k-process scheme on k CPUs,
+   k x that rate (the pipeline does the loop's work plus moving data, and gains on it only by
+   the channels-last layout).
 2. End to end, photos: `label_source` into a fresh directory (ingest check, actor start-up,
-   Parquet, COCO JSON, sample grid) against the whole plain loop, at this number of images.
+   Parquet, COCO JSON, sample grid) against the whole batched loop, at this number of images.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def _random_tiny(root: Path, categories: dict[int, str]) -> str:
     return str(checkpoint.save(ckpt, root / "model"))
 
 
-def _loop(paths: list[str], model: LoadedModel, threads: int) -> tuple[float, float]:
-    """The plain loop: (steady images/s from the second batch on, seconds for everything)."""
+def _loop(paths: list[str], model: LoadedModel, threads: int, batch: int = BATCH) -> tuple[float, float]:
+    """The plain loop, `batch` images per model call: (steady images/s from the second call on,
+    seconds for everything)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     detector, size = Detector(model.model, model.cfg), model.cfg.model.image_size
@@ -71,11 +74,11 @@ def _loop(paths: list[str], model: LoadedModel, threads: int) -> tuple[float, fl
     start = time.perf_counter()
     steady_from = None
     try:
-        for first in range(0, len(paths), BATCH):
-            pixels = [read_image(path) for path in paths[first : first + BATCH]]
+        for first in range(0, len(paths), batch):
+            pixels = [read_image(path) for path in paths[first : first + batch]]
             resized = [eval_transform(p, no_boxes, size)[0].transpose(2, 0, 1) for p in pixels]
             detector(torch.from_numpy(np.stack(resized)), [p.shape[:2] for p in pixels])
-            steady_from = steady_from or (time.perf_counter(), first + BATCH)
+            steady_from = steady_from or (time.perf_counter(), first + batch)
     finally:
         torch.set_num_threads(previous)
     end = time.perf_counter()
@@ -126,7 +129,7 @@ def run(images: int, model_path: str | None) -> tuple[list[tuple], dict]:
         loops = {}  # the plain loops first, with no Ray processes about
         for name, folder in sets.items():
             paths = sorted(str(p) for p in folder.glob("*.jpg"))
-            loops[name] = (*_loop(paths, model, threads), _loop(paths, model, 1)[0])
+            loops[name] = (*_loop(paths, model, threads), _loop(paths, model, 1)[0], _loop(paths, model, threads, 1)[0])
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
@@ -136,18 +139,24 @@ def run(images: int, model_path: str | None) -> tuple[list[tuple], dict]:
         )
         ray.shutdown()
     rows: list[tuple] = []
-    for name, (rate, _, single) in loops.items():
+    for name, (rate, _, single, one_by_one) in loops.items():
         rows += [
             (
-                f"{name}: steady state, label_rows vs plain loop on {threads} threads (img/s)",
+                f"{name}: steady state, label_rows vs plain loop, one image at a time, {threads} threads (img/s)",
                 ours[name],
-                rate,
+                one_by_one,
                 GOAL,
                 cpus * single,
             ),
-            (f"  {name}: plain loop on 1 torch thread (img/s)", single, None, None),
             (
-                f"  {name}: ceiling: {cpus} x the 1-thread loop, vs plain loop (img/s)",
+                f"  {name}: label_rows vs the loop batched by {BATCH}, {threads} threads (stronger baseline) (img/s)",
+                ours[name],
+                rate,
+                None,
+            ),
+            (f"  {name}: batched loop on 1 torch thread (img/s)", single, None, None),
+            (
+                f"  {name}: ceiling: {cpus} x the 1-thread batched loop, vs batched loop (img/s)",
                 cpus * single,
                 rate,
                 None,
@@ -155,9 +164,9 @@ def run(images: int, model_path: str | None) -> tuple[list[tuple], dict]:
         ]
     rows += [
         (
-            f"640x480 photos, end to end ({images} images): label_source vs whole plain loop (img/s)",
+            f"640x480 photos, end to end ({images} images): label_source vs whole batched loop (img/s)",
             images / summary["total_seconds"],
-            images / loops["640x480 photos"][1],
+            images / loops["640x480 photos"][1],  # the batched loop's whole run
             None,
         ),
         (
@@ -216,7 +225,7 @@ def main() -> None:
     header = (
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at the end; "
         f"{images} images per folder, batch {BATCH}; {setup['workers']} detector actors x "
-        f"{setup['cpus_per_worker']:g} Ray CPU, 1 torch thread each; plain loop on {setup['threads']} threads"
+        f"{setup['cpus_per_worker']:g} Ray CPU, 1 torch thread each; plain loops on {setup['threads']} threads"
     )
     table = format_table(rows)
     publish(header, table, args.markdown)
