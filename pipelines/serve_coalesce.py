@@ -15,6 +15,7 @@ is taken when the slot frees.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -23,13 +24,21 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+class CallCancelledError(ConnectionError):
+    """The call that carried a request was cancelled before it answered (the receiver went away
+    or this process is stopping): the request may be retried."""
+
+
 class Coalescer(Generic[Item, Result]):
     """`submit(item)` → the item's result from ``send(items)``, which answers a sequence of
     items with their results in the same order.
 
     At most `max_in_flight` ``send`` calls run at once, each with at most `max_items` items,
-    taken in arrival order. A ``send`` that raises fails every item it carried with that error;
-    a submitter that stops waiting (cancelled) does not stop the others.
+    taken in arrival order. A ``send`` that raises fails every item it carried with that error
+    (`CallCancelledError` if it was cancelled); a submitter that stops waiting is left out of the
+    next call, or only loses its answer if its call is already on the way. Each call runs in
+    a fresh context: it belongs to no single submitter (in Serve, to no single HTTP request,
+    whose cancellation would otherwise cancel the whole batch).
     """
 
     def __init__(
@@ -55,10 +64,16 @@ class Coalescer(Generic[Item, Result]):
         return await future
 
     def _dispatch(self) -> None:
-        while self._queue and self._in_flight < self.max_in_flight:
-            batch = [self._queue.popleft() for _ in range(min(self.max_items, len(self._queue)))]
+        while self._in_flight < self.max_in_flight:
+            batch: list[tuple[Item, asyncio.Future[Result]]] = []
+            while self._queue and len(batch) < self.max_items:
+                item, future = self._queue.popleft()
+                if not future.done():  # a submitter that gave up costs the receiver nothing
+                    batch.append((item, future))
+            if not batch:
+                return
             self._in_flight += 1
-            task = asyncio.create_task(self._call(batch))
+            task = contextvars.Context().run(asyncio.create_task, self._call(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -70,14 +85,17 @@ class Coalescer(Generic[Item, Result]):
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
-        except asyncio.CancelledError:  # the replica is shutting down
-            for _, future in batch:
-                future.cancel()
+        except asyncio.CancelledError:
+            self._fail(batch, CallCancelledError("the call carrying this request was cancelled; retry"))
             raise
         except Exception as exc:  # every waiter hears of it; nothing is swallowed
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(batch, exc)
         finally:
             self._in_flight -= 1
-            self._dispatch()
+            self._dispatch()  # queued requests never wait for a submit that may not come
+
+    @staticmethod
+    def _fail(batch: list[tuple[Item, asyncio.Future[Result]]], error: BaseException) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)

@@ -5,10 +5,10 @@
 The ingress checks the request, decodes the image and resizes it to the model's input
 (`ssd.transforms.eval_transform`, as `rayssd evaluate` does), then hands uint8 [3, S, S] and the
 original (height, width) to its `serve_coalesce.Coalescer`, which sends the requests that queued
-together to the detector in one call (up to ``max_batch_size`` images). The detector stacks the
-images of the calls that arrived within ``batch_wait_timeout_s`` (at most ``max_batch_size``
-images, both retunable through ``user_config``) and runs `ssd.detector.Detector` once per
-batch, its weights in the channels-last layout. Decoding and detection scale apart.
+together to the detector in one call (up to ``max_batch_size`` images). The detector takes the
+calls that arrived within ``batch_wait_timeout_s`` and runs their images through
+`ssd.detector.Detector` (weights channels-last) at most ``max_batch_size`` at a time; both
+settings are retunable through ``user_config``. Decoding and detection scale apart.
 
 HTTP contract (every answer is JSON; errors are ``{"error": message, "status": code}``):
 
@@ -51,7 +51,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.serve_coalesce import Coalescer
+from pipelines.serve_coalesce import CallCancelledError, Coalescer
 from pipelines.serve_requests import (
     ACCEPTED_TYPES,
     DEFAULT_SCORE_THRESHOLD,
@@ -76,13 +76,17 @@ APP_NAME = "rayssd"
 BOARD_NAME = "rayssd-serve-stats"
 HEALTH_TIMEOUT_S = 5.0
 INGRESS_MAX_ONGOING = 128  # the ingress mostly awaits the detector; let it hold many requests
-DETECTOR_QUEUE_BATCHES = 8  # a detector replica takes this many batches' worth of requests
+DETECTOR_QUEUE_BATCHES = 8  # a detector replica accepts this many batches' worth of calls
+# Detector calls an ingress replica keeps in flight per detector replica: one running, the next
+# one queued there. Also the autoscaling target: every slot full means every replica is busy.
+CALLS_PER_DETECTOR = 2
 # A detector replica died, is being replaced, or every replica's queue is full: the client may retry.
 UNAVAILABLE = (
     ray.exceptions.RayActorError,
     serve.exceptions.DeploymentUnavailableError,
     serve.exceptions.ReplicaUnavailableError,
     serve.exceptions.BackPressureError,
+    CallCancelledError,
 )
 
 
@@ -170,14 +174,11 @@ def select(found: dict[str, torch.Tensor], score_threshold: float, max_detection
     return {k: v[keep][:max_detections].numpy() for k, v in found.items()}
 
 
-def images_in(calls: list[list[DetectRequest]]) -> int:
-    """The detector's batch size: images, whichever calls they came in."""
-    return sum(len(call) for call in calls)
-
-
 @serve.deployment(name="Detector")
 class BatchedDetector:
-    """The model, once per replica; concurrent `detect` calls become one `Detector` call."""
+    """The model, once per replica. Each `detect` call carries a list of images (an ingress's
+    coalesced requests); the calls that arrive together (at most ``max_batch_size`` calls) are
+    run through `Detector` in chunks of at most ``max_batch_size`` images."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, threads: int, board: Any) -> None:
         from pipelines.models import load_model
@@ -187,14 +188,15 @@ class BatchedDetector:
         self.detector = Detector(loaded.model, loaded.cfg, channels_last=True)
         self.reporter = Reporter(board)
         self.batch_wait_timeout_s = 0.0  # set by reconfigure()
-        self.max_batch_size = 1  # images per Detector call; set by reconfigure()
+        self.max_batch_size = 1  # images per Detector call (and calls per batch); set by reconfigure()
         self._pending = 0  # detect() calls not answered yet
         # Torch runs off the event loop, so requests keep queueing (and filling the next batch).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssd-detect")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, applied without a restart
-        (batches above the deployment's ``max_ongoing_requests`` never fill)."""
+        """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, applied without a restart.
+        (An ingress sends calls of at most the ``max_batch_size`` the application was deployed
+        with; a larger value here is reached by running several calls together.)"""
         self.batch_wait_timeout_s = float(user_config["batch_wait_timeout_s"])
         self.max_batch_size = int(user_config["max_batch_size"])
         self.detect_batch.set_max_batch_size(self.max_batch_size)
@@ -214,20 +216,20 @@ class BatchedDetector:
         self.detect_batch.set_batch_wait_timeout_s(0.0 if idle else self.batch_wait_timeout_s)
         self._pending += 1
         try:
-            most = self.max_batch_size
-            parts = [requests[i : i + most] for i in range(0, len(requests), most)]  # each fits a batch
-            answers = await asyncio.gather(*(self.detect_batch(part) for part in parts))
-            return [found for answer in answers for found in answer]
+            return await self.detect_batch(requests)
         finally:
             self._pending -= 1
 
-    # A batch holds whole calls, at most max_batch_size images in all.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=images_in)  # see reconfigure()
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced by reconfigure()
     async def detect_batch(self, calls: list[list[DetectRequest]]) -> list[list[dict[str, np.ndarray]]]:
         requests = [request for call in calls for request in call]
+        most = self.max_batch_size
+        chunks = [requests[i : i + most] for i in range(0, len(requests), most)]
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(self._pool, self._run, requests)
-        self.reporter.recorder.batch(len(requests))
+        found = []
+        for chunk in chunks:
+            found += await loop.run_in_executor(self._pool, self._run, chunk)
+            self.reporter.recorder.batch(len(chunk))
         answers, start = [], 0
         for call in calls:
             answers.append(found[start : start + len(call)])
@@ -235,7 +237,8 @@ class BatchedDetector:
         return answers
 
     def _run(self, requests: list[DetectRequest]) -> list[dict[str, np.ndarray]]:
-        images = torch.from_numpy(np.stack([r.image for r in requests]))  # [B, 3, S, S] uint8
+        """One `Detector` call on these images (uint8 [B, 3, S, S] once stacked)."""
+        images = torch.from_numpy(np.stack([r.image for r in requests]))
         # One call at the loosest settings, then each request's own (see `select`).
         found = self.detector(
             images,
@@ -315,10 +318,11 @@ class Ingress:
         self.board = board
         # Decoding off the event loop; PIL releases the GIL while it decodes.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayssd-decode")
-        # Two calls in flight per detector replica: one running, the next one queued there.
         replicas = self.limits["autoscale"][1] if self.limits["autoscale"] else self.limits["replicas"]
         self._batches = Coalescer(
-            self._send, max_items=self.limits["max_batch_size"], max_in_flight=2 * max(1, replicas)
+            self._send,
+            max_items=self.limits["max_batch_size"],
+            max_in_flight=CALLS_PER_DETECTOR * max(1, replicas),
         )
 
     async def _send(self, requests: list[DetectRequest]) -> list[dict[str, np.ndarray]]:
@@ -424,15 +428,17 @@ def build_app(model: "LoadedModel", settings: ServeSettings, board: Any, trackin
                 "min_replicas": low,
                 "initial_replicas": max(low, 1),
                 "max_replicas": high,
-                "target_ongoing_requests": s.max_batch_size,  # a replica's worth of full batches
+                # Ongoing requests are the ingresses' calls, each a batch: the replicas are all
+                # busy when every call slot is full (Ingress's Coalescer).
+                "target_ongoing_requests": CALLS_PER_DETECTOR,
             }
         }
     detector = BatchedDetector.options(
         **scaling,
-        # Requests beyond a replica's max_ongoing_requests wait in the caller's router, which
+        # Calls beyond a replica's max_ongoing_requests wait in the caller's router, which
         # retries with backoff of up to 0.5 s (Serve 2.60): the replica idles while they wait.
-        # Queue them in the replica instead, where they fill the next batch (Serve's default of
-        # 5 would also cap every batch at 5).
+        # Queue them in the replica instead, where they join the next batch (several ingress
+        # replicas each keep CALLS_PER_DETECTOR calls per detector replica in flight).
         max_ongoing_requests=DETECTOR_QUEUE_BATCHES * s.max_batch_size,
         user_config={"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
         ray_actor_options={"num_cpus": s.detector_cpus},

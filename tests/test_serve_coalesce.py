@@ -1,10 +1,11 @@
 """`pipelines.serve_coalesce.Coalescer` on a real asyncio loop: what it sends, when, and errors."""
 
 import asyncio
+import contextvars
 
 import pytest
 
-from pipelines.serve_coalesce import Coalescer
+from pipelines.serve_coalesce import CallCancelledError, Coalescer
 
 
 class Receiver:
@@ -107,7 +108,7 @@ def test_a_wrong_number_of_answers_is_an_error_not_a_mix_up() -> None:
     asyncio.run(main())
 
 
-def test_a_waiter_that_gives_up_leaves_the_others_their_answers() -> None:
+def test_a_waiter_that_gives_up_is_not_sent_and_the_others_get_their_answers() -> None:
     async def main() -> None:
         receiver = Receiver()
         coalescer = Coalescer(receiver.send, max_items=4, max_in_flight=1)
@@ -120,7 +121,7 @@ def test_a_waiter_that_gives_up_leaves_the_others_their_answers() -> None:
         receiver.release.set()
         assert await blocker == 1 and await patient == 9
         assert impatient.cancelled()
-        assert receiver.calls == [[1], [2, 3]]  # sent together; only the answer was dropped
+        assert receiver.calls == [[1], [3]]  # the request nobody waits for was never sent
 
     asyncio.run(main())
 
@@ -129,3 +130,49 @@ def test_a_waiter_that_gives_up_leaves_the_others_their_answers() -> None:
 def test_limits_below_one_are_refused(items: int, in_flight: int) -> None:
     with pytest.raises(ValueError, match=">= 1"):
         Coalescer(lambda batch: batch, max_items=items, max_in_flight=in_flight)
+
+
+def test_a_cancelled_call_fails_its_items_with_a_retryable_error_and_the_queue_moves_on() -> None:
+    async def main() -> None:
+        calls: list[list[int]] = []
+        gate = asyncio.Event()
+
+        async def send(items: list[int]) -> list[int]:
+            calls.append(items)
+            if 0 in items:
+                raise asyncio.CancelledError  # as an awaited Serve call that was cancelled
+            await gate.wait()
+            return items
+
+        coalescer = Coalescer(send, max_items=4, max_in_flight=1)
+        first = asyncio.create_task(coalescer.submit(0))
+        later = asyncio.create_task(coalescer.submit(5))
+        gate.set()
+        with pytest.raises(CallCancelledError):
+            await first
+        assert await later == 5
+        assert calls == [[0], [5]]
+
+    asyncio.run(main())
+
+
+def test_calls_do_not_run_in_a_submitters_context() -> None:
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+    async def main() -> None:
+        seen: list[str] = []
+
+        async def send(items: list[int]) -> list[int]:
+            seen.append(request_id.get())
+            return items
+
+        coalescer = Coalescer(send, max_items=4)
+
+        async def one_request(i: int) -> int:
+            request_id.set(f"request-{i}")  # as Serve's per-request context
+            return await coalescer.submit(i)
+
+        assert await asyncio.gather(*(one_request(i) for i in range(3))) == [0, 1, 2]
+        assert seen and set(seen) == {"none"}
+
+    asyncio.run(main())
