@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from ssd import checkpoint
+from ssd import config as C
 from ssd.detector import Detector
-
-DEFAULT_SCORE_THRESHOLD = 0.3  # the signature's default; the config's 0.01 suits mAP, not users
 
 
 class SSDModel(mlflow.pyfunc.PythonModel):
@@ -48,7 +47,7 @@ class SSDModel(mlflow.pyfunc.PythonModel):
             raise ValueError(
                 f"expected uint8 images [B, 3, {size}, {size}], got {images.dtype} {list(images.shape)}"
             )
-        threshold = float((params or {}).get("score_threshold", DEFAULT_SCORE_THRESHOLD))
+        threshold = float((params or {}).get("score_threshold", C.ANSWER_SCORE_THRESHOLD))
         detections = self.detector(
             torch.from_numpy(np.ascontiguousarray(images)),
             [(size, size)] * len(images),

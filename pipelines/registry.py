@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from pipelines.tracking import Tracker
+from ssd import config as C
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -24,9 +25,6 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "model"  # the logged model's name inside its run
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 SSD_PACKAGE = Path(__file__).resolve().parent.parent / "ssd"
-# The signature's default. Keep equal to pipelines.mlflow_model's, which is not imported here:
-# that file is the logged model's code and registers the model when imported.
-DEFAULT_SCORE_THRESHOLD = 0.3
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,7 @@ def _signature(image_size: int) -> Any:
                 ColSpec(Array(DataType.long), "labels"),
             ]
         ),
-        params=ParamSchema([ParamSpec("score_threshold", DataType.float, DEFAULT_SCORE_THRESHOLD)]),
+        params=ParamSchema([ParamSpec("score_threshold", DataType.float, C.ANSWER_SCORE_THRESHOLD)]),
     )
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from ssd import config as C
 from ssd.transforms import eval_transform
 
 ACCEPTED_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/bmp": "BMP"}
@@ -20,7 +21,7 @@ GENERIC_TYPES = ("", "application/octet-stream")  # no claim: the format is read
 # Formats PIL may identify: the accepted ones plus common ones we refuse with 415 rather than
 # call "not an image". Never EPS & co., whose PIL plugins run external programs.
 IDENTIFIED_FORMATS = (*ACCEPTED_TYPES.values(), "GIF", "TIFF", "ICO")
-DEFAULT_SCORE_THRESHOLD = 0.3  # a useful answer, unlike the 0.01 kept for mAP; = the pyfunc's
+DEFAULT_SCORE_THRESHOLD = C.ANSWER_SCORE_THRESHOLD
 MAX_DETECTIONS = 1000
 
 
