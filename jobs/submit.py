@@ -109,6 +109,8 @@ def use_local_token() -> None:
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray._raylet" in sys.modules:  # Ray has read its configuration in this process already:
+            sys.modules["ray._raylet"].Config.initialize("")  # read it again, as Ray's own CLI does
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,12 +44,30 @@ def head():
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    submit.use_local_token()  # as a `ray` command would
+    mode_before = os.environ.get("RAY_AUTH_MODE")
+    submit.use_local_token()  # as a `ray` command would, for this process's own client
     client_env = {**env, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    try:
+        _wait_for_jobs(url, process)
+        yield url, client_env
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        if mode_before is None and os.environ.pop("RAY_AUTH_MODE", None) is not None:
+            import ray._raylet  # later tests see Ray configured as before this module
+
+            ray._raylet.Config.initialize("")
+
+
+def _wait_for_jobs(url: str, process: subprocess.Popen) -> None:
+    """Until a trivial job runs: the Jobs API answers before the head's job agent does."""
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.monotonic() + 120
-    while True:  # up when a trivial job runs: the Jobs API answers before the head's job agent
+    while True:
         try:
             client = JobSubmissionClient(url)
             job = client.submit_job(entrypoint="python -c 'print(1)'", submission_id=f"warm-up-{time.time()}")
@@ -58,18 +76,11 @@ def head():
                     raise TimeoutError(f"warm-up job still {status} after 120 s")
                 time.sleep(0.5)
             assert status == "SUCCEEDED", client.get_job_logs(job)
-            break
+            return
         except Exception:
             if time.monotonic() > deadline or process.poll() is not None:
-                os.killpg(process.pid, signal.SIGKILL)
                 raise
             time.sleep(1)
-    yield url, client_env
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
