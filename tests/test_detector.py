@@ -51,9 +51,10 @@ def test_channels_last_detections_equal_the_plain_ones_on_a_confident_model() ->
         torch.testing.assert_close(g["boxes"], w["boxes"], rtol=0, atol=1e-2)
 
 
-def test_a_model_that_keeps_training_keeps_its_layout() -> None:
+def test_a_model_that_keeps_training_keeps_its_layout_and_mode() -> None:
     cfg = C.preset("tiny")
-    model = build_ssd(cfg)
-    Detector(model, cfg)
+    model = build_ssd(cfg)  # in training mode, as during training's evaluation
+    size = cfg.model.image_size
+    Detector(model, cfg)(torch.zeros((2, 3, size, size), dtype=torch.uint8), [(size, size)] * 2)
     assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(model))
-    assert model.training
+    assert model.training  # put back after the eval-mode call
