@@ -150,12 +150,15 @@ def server(ray_local, mlflow_server, champion):
 
 
 def _direct(model_file: str, data: bytes, threshold: float, most: int) -> dict[str, np.ndarray]:
-    """The oracle: decode with PIL, resize with `eval_transform`, one `Detector` call at batch 1."""
+    """The oracle: decode with PIL, resize with `eval_transform`, one `Detector` call at batch 1
+    with the detector replica's settings (channels-last weights)."""
     loaded = load_model(model_file)
     pixels = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # [H, W, 3]
     resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), loaded.cfg.model.image_size)
     images = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))[None]  # [1, 3, S, S]
-    [found] = Detector(loaded.model, loaded.cfg)(images, [pixels.shape[:2]], threshold, most)
+    [found] = Detector(loaded.model, loaded.cfg, channels_last=True)(
+        images, [pixels.shape[:2]], threshold, most
+    )
     return {k: v.numpy() for k, v in found.items()}
 
 
