@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, serve_cfg):
-    from pipelines.serving import ServeSettings
+    from pipelines.serve_settings import ServeSettings
 
     return ServeSettings.from_config(
         serve_cfg,

@@ -32,7 +32,8 @@ import ray
 from ray import serve
 
 from pipelines.models import load_model
-from pipelines.serving import ServeSettings, build_app, stats_board
+from pipelines.serve_settings import ServeSettings
+from pipelines.serving import build_app, stats_board
 from pipelines.tracking import tracking_uri as resolve_tracking_uri
 
 log = logging.getLogger(__name__)
