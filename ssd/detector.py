@@ -24,8 +24,8 @@ class Detector:
     mode for the call, then back into the mode it was in.
 
     ``channels_last=True`` moves the model's weights, in place, to the channels-last memory
-    layout, in which oneDNN's CPU convolutions and cuDNN's run faster (measured on 2 CPU
-    threads: `tiny` forward ~10 %, `ssdlite320` ~40 %, `ssd300_vgg16` ~25 % less time). Results
+    layout, in which oneDNN's CPU convolutions and cuDNN's run faster (forward time measured on
+    1-2 CPU threads: `tiny` 7-12 %, `ssdlite320` 27-39 %, `ssd300_vgg16` 24 % less). Results
     are the same up to float rounding. For inference paths that own their model (labelling,
     serving, the MLflow model); a model that is still training keeps its layout.
     """
