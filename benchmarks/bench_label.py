@@ -36,14 +36,14 @@ import torch
 from PIL import Image
 
 from benchmarks.report import publish
-from pipelines.batch_inference import detector_cpus, label_rows, label_source
-from pipelines.builtin import write_builtin
-from pipelines.datasets import read_dataset
-from pipelines.models import LoadedModel, load_model
-from pipelines.prepare import with_classes
-from pipelines.preprocess import read_image
+from pipelines.data.builtin import write_builtin
+from pipelines.data.datasets import read_dataset
+from pipelines.data.samples import read_image
+from pipelines.label.batch import detector_cpus, label_rows, label_source
+from pipelines.track.models import LoadedModel, load_model
 from ssd import checkpoint
 from ssd import config as C
+from ssd.config import with_classes
 from ssd.detector import Detector
 from ssd.model import build_ssd
 from ssd.synthetic import make_scene

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from benchmarks.report import publish
-from pipelines.builtin import write_builtin
-from pipelines.datasets import read_dataset
-from pipelines.memory import keep_freed_memory
-from pipelines.prepare import with_classes
-from pipelines.preprocess import SamplePreprocessor, preprocess
+from pipelines.common import keep_freed_memory
+from pipelines.data.builtin import write_builtin
+from pipelines.data.datasets import read_dataset
+from pipelines.data.samples import SamplePreprocessor, preprocess
 from ssd import config as C
+from ssd.config import with_classes
 from ssd.loss import multibox_loss
 from ssd.matching import encode_targets
 from ssd.model import build_ssd

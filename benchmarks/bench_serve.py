@@ -3,7 +3,7 @@
     python -m benchmarks.bench_serve [--quick] [--model URI] [--clients 1,8,32] [--markdown FILE]
 
 Every figure runs the same work per image: decode a 640x480 JPEG, resize to the model's
-input (`pipelines.serve_requests.prepare`), detect (`ssd.detector.Detector` with channels-last
+input (`pipelines.serve.requests.prepare`), detect (`ssd.detector.Detector` with channels-last
 weights and 1 torch thread, as one detector replica with 1 CPU has), at the serving default
 threshold.
 
@@ -36,8 +36,9 @@ import torch
 from PIL import Image
 
 from benchmarks.report import publish
-from pipelines import serve_requests, serving
-from pipelines.models import load_model
+from pipelines.serve import deployments as serving
+from pipelines.serve import requests as serve_requests
+from pipelines.track.models import load_model
 from ssd import checkpoint
 from ssd import config as C
 from ssd.detector import Detector

@@ -9,9 +9,9 @@
    ``images_per_s`` (its first batch to its last step, as the worker loop times it; the
    first epoch also pays for worker start-up). Baseline: one process, no Ray, torch's
    default threads; each batch is decoded, transformed and matched inline by the same
-   `SamplePreprocessor`, then the same forward, `multibox_loss`, backward and
-   `build_optimizer` step; the figure is its last epoch timed the same way (whole epoch,
-   first batch included), after one warm-up epoch (none with --quick).
+   `SamplePreprocessor`, then the same `ssd.step.TrainStep` (forward, `multibox_loss`,
+   backward, `build_optimizer` step) as the workers; the figure is its last epoch timed the
+   same way (whole epoch, first batch included), after one warm-up epoch (none with --quick).
    Without augmentation rayssd prepares the samples once before epoch 1 (data.cache) and
    every epoch reads them back from the object store; the plain loop decodes inline.
    k = 1 worker vs the plain loop                       goal: >= 0.9x (Ray costs <= 10 %)
@@ -53,15 +53,15 @@ import torchvision
 from jobs import train as train_job
 from jobs.quickstart import SETTINGS as QUICKSTART_SETTINGS
 from jobs.quickstart import WORKERS as QUICKSTART_WORKERS
-from pipelines.builtin import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES, write_builtin
-from pipelines.memory import keep_freed_memory
-from pipelines.prepare import with_classes
-from pipelines.preprocess import SamplePreprocessor, read_image
+from pipelines.common import keep_freed_memory
+from pipelines.data.builtin import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES, write_builtin
+from pipelines.data.samples import SamplePreprocessor, read_image
 from ssd import config as C
+from ssd.config import with_classes
 from ssd.evaluate import CocoEvaluator
-from ssd.loss import multibox_loss
 from ssd.model import build_ssd
-from ssd.optim import build_optimizer, learning_rate, set_learning_rate
+from ssd.optim import build_optimizer, set_learning_rate
+from ssd.step import TrainStep
 
 BATCH = 16  # per worker, both sections
 THROUGHPUT_EPOCHS = 2  # the second is the steady one
@@ -122,7 +122,7 @@ def _subset(folder: Path, split: str, count: int, out: Path) -> Path:
 
 
 def coco_rows(annotation_file: Path, image_dir: Path) -> tuple[list[dict[str, Any]], list[int], list[str]]:
-    """The rows `pipelines.datasets.read_dataset` makes, read with json alone (no Ray).
+    """The rows `pipelines.data.datasets.read_dataset` makes, read with json alone (no Ray).
 
     Returns (rows, category ids, class names): rows hold ``image_id``, ``path``, ``width``,
     ``height``, ``boxes`` float32 [N, 4] xyxy pixels (clipped to the image; dropped if
@@ -177,28 +177,19 @@ def plain_loop_rate(rows: list[dict[str, Any]], cfg: C.Config, epochs: int) -> f
     threads = torch.get_num_threads()  # read first: SamplePreprocessor sets the process's threads
     torch.manual_seed(t.seed)
     model = build_ssd(cfg).train()
-    optimizer = build_optimizer(model, t)
     steps = len(rows) // t.batch_size  # incomplete batches are dropped, as the workers do
-    step, rate = 0, float("nan")
+    step = TrainStep(model, build_optimizer(model, t), t, total_steps=epochs * steps, steps_per_epoch=steps)
+    rate = float("nan")
     for epoch in range(epochs):
         pre = SamplePreprocessor(C.to_dict(cfg), train=True, epoch=epoch, threads=threads)
         start = time.perf_counter()
         for i in range(steps):
             sample = pre(_numpy_batch(rows[i * t.batch_size : (i + 1) * t.batch_size]))
-            set_learning_rate(optimizer, learning_rate(t, step, epochs * steps, steps))
-            cls_logits, loc_preds = model(torch.from_numpy(sample["image"]))
-            losses = multibox_loss(
-                cls_logits,
-                loc_preds,
-                torch.from_numpy(sample["cls_targets"]).long(),
+            step(
+                torch.from_numpy(sample["image"]),
+                torch.from_numpy(sample["cls_targets"]),
                 torch.from_numpy(sample["loc_targets"]),
-                neg_pos_ratio=t.neg_pos_ratio,
-                alpha=t.loc_weight,
             )
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            step += 1
         rate = steps * t.batch_size / (time.perf_counter() - start)
     return rate
 
@@ -306,7 +297,7 @@ def _ground_truth(
     rows: list[dict[str, Any]], category_ids: list[int], names: list[str], source: Path
 ) -> dict:
     """The val ground truth exactly as `jobs.train` builds it from its rows."""
-    from pipelines.datasets import DatasetInfo, coco_ground_truth
+    from pipelines.data.datasets import DatasetInfo, coco_ground_truth
 
     info = DatasetInfo(
         kind="coco",

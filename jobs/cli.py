@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 from jobs import data, demo, evaluate, label, prepare, quickstart, serve, submit, train
-from jobs.options import add_config_arguments, config_from_args
+from jobs.options import add_config_arguments, call_job, config_from_args
 from ssd import config as C
 
 
@@ -118,22 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        code = args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad config, arguments or input: say what, no traceback
-        print(f"rayssd {args.command}: error: {exc}", file=sys.stderr)
-        code = 2
-    except (
-        train.TrainRunError,
-        quickstart.QuickstartError,
-    ) as exc:  # the workers failed beyond --max-failures; their errors are in exc
-        print(f"rayssd {args.command}: error: {exc}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt as exc:  # jobs say how to continue (e.g. train: --resume --name RUN)
-        if str(exc):
-            print(f"rayssd {args.command}: {exc}", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    sys.exit(call_job(f"rayssd {args.command}", args.func, args))
 
 
 if __name__ == "__main__":

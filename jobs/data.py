@@ -3,7 +3,7 @@
     rayssd data builtin --out DIR [--seed 0] [--train-images N] [--val-images N] [--overwrite]
     python -m jobs.data builtin --out DIR ...
 
-writes the built-in COCO-format dataset (`pipelines.builtin`) into DIR, or says that DIR
+writes the built-in COCO-format dataset (`pipelines.data.builtin`) into DIR, or says that DIR
 already holds it and skips.
 """
 
@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from pipelines import builtin
+from pipelines.data import builtin
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -19,11 +19,11 @@ from ssd import config as C
 from ssd.anchors import default_boxes
 from ssd.evaluate import CocoEvaluator
 from ssd.grid_matching import GridMatcher
-from ssd.loss import multibox_loss
 from ssd.matching import encode_targets_batch
 from ssd.model import build_ssd
-from ssd.optim import build_optimizer, learning_rate, set_learning_rate
+from ssd.optim import build_optimizer
 from ssd.postprocess import postprocess
+from ssd.step import TrainStep
 from ssd.synthetic import CLASS_NAMES, make_scene
 from ssd.transforms import eval_transform
 
@@ -78,27 +78,23 @@ def _coco_ground_truth(raw_boxes: list, labels: list) -> dict:
 def _train(model, cfg: C.Config, images, cls_t, loc_t, steps: int, seed: int) -> float:
     """`steps` SGD/AdamW steps on random batches of the fixed scenes; returns images/s."""
     batch, count = cfg.train.batch_size, images.shape[0]
-    optimiser = build_optimizer(model, cfg.train)
-    steps_per_epoch = max(1, count // batch)
+    step = TrainStep(
+        model,
+        build_optimizer(model, cfg.train),
+        cfg.train,
+        total_steps=steps,
+        steps_per_epoch=max(1, count // batch),
+    )
     generator = torch.Generator().manual_seed(seed)
     seen, clock = 0, time.perf_counter()
-    for step in range(steps):
+    for i in range(steps):
         idx = torch.randint(0, count, (batch,), generator=generator)
-        set_learning_rate(optimiser, learning_rate(cfg.train, step, steps, steps_per_epoch))
-        cls_logits, loc_preds = model(images[idx])
-        losses = multibox_loss(
-            cls_logits, loc_preds, cls_t[idx], loc_t[idx], cfg.train.neg_pos_ratio, cfg.train.loc_weight
-        )
-        optimiser.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.train.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
-        optimiser.step()
+        losses = step(images[idx], cls_t[idx], loc_t[idx])
         seen += batch
-        if step % 25 == 0 or step == steps - 1:
+        if i % 25 == 0 or i == steps - 1:
             rate = seen / (time.perf_counter() - clock)
             print(
-                f"step {step + 1:4d}/{steps}  loss {losses['loss'].item():6.3f}  "
+                f"step {i + 1:4d}/{steps}  loss {losses['loss'].item():6.3f}  "
                 f"(cls {losses['cls'].item():.3f}, loc {losses['loc'].item():.3f})  {rate:5.1f} img/s",
                 flush=True,
             )

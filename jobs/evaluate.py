@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 from typing import Any
 
 from jobs.options import run_job
-from jobs.prepare import quiet_ray_data
+from pipelines.common import start_ray
 
 DESCRIPTION = """Detect every image of a labelled dataset (COCO annotation file or Pascal VOC root,
 local path or URI) with a trained model on Ray Data workers and score the detections with
@@ -60,25 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
 
-    from pipelines.batch_inference import evaluate_dataset, require_labelled_source
-    from pipelines.label_outputs import json_safe
-    from pipelines.models import load_model
+    from pipelines.label.batch import evaluate_dataset, require_labelled_source
+    from pipelines.label.outputs import json_safe
+    from pipelines.track.models import load_model
 
     if args.batch_size < 1 or args.workers < 1:
         raise ValueError(f"--batch-size {args.batch_size} and --workers {args.workers}: expected >= 1 each")
-    kind = require_labelled_source(args.data)  # a bad source fails here, before Ray starts
-    split = args.split or ("all" if kind == "coco" else "val")
+    probe = require_labelled_source(args.data)  # a bad source fails here, before Ray starts; parsed once
+    split = args.split or ("all" if probe.kind == "coco" else "val")
     model = load_model(args.model, tracking_uri=args.tracking_uri)  # so does a bad model
-    quiet_ray_data()
-    if not ray.is_initialized():
-        ray.init(
-            address=args.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-        )
+    start_ray(args.address)
     print(f"evaluating {_model_name(model)} on {args.data} (split {split})", flush=True)
     metrics = evaluate_dataset(
-        args.data,
+        probe,
         args.model,
         split=None if split == "all" else split,
         batch_size=args.batch_size,

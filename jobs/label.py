@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from jobs.options import run_job
-from jobs.prepare import quiet_ray_data
+from pipelines.common import start_ray
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from pipelines.batch_inference import detector_cpus, label_source, require_labelled_source
-    from pipelines.datasets import detect_source
-    from pipelines.label_outputs import check_output
-    from pipelines.models import load_model
+    from pipelines.data.sources import open_source
+    from pipelines.label.batch import detector_cpus, label_source, require_labelled_source
+    from pipelines.label.outputs import check_output
+    from pipelines.track.models import load_model
 
     _check_numbers(args)
     # Everything that can be wrong with the input, the model or DIR fails here, before Ray starts.
-    (require_labelled_source if args.evaluate else detect_source)(args.input)
+    probe = (require_labelled_source if args.evaluate else open_source)(args.input)  # parsed once
     model = load_model(args.model, tracking_uri=args.tracking_uri)
     check_output(args.out, overwrite=args.overwrite)
-    quiet_ray_data()
-    if not ray.is_initialized():
-        ray.init(
-            address=args.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-        )
+    start_ray(args.address)
     cluster = ray.cluster_resources()
     gpus = args.gpus_per_worker
     if gpus is None:
@@ -121,7 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"labelling {args.input} with {_model_name(model)} into {args.out}", flush=True)
     try:
         summary = label_source(
-            args.input,
+            probe,
             model,
             args.out,
             batch_size=args.batch_size,
@@ -162,7 +158,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_fits(cluster: dict[str, float], cpus: float, gpus: float) -> None:
     """A detection actor that no node can hold would leave the job waiting forever."""
-    from pipelines.batch_inference import DECODE_CPUS, WRITE_CPUS
+    from pipelines.label.batch import DECODE_CPUS, WRITE_CPUS
 
     if gpus > cluster.get("GPU", 0):
         raise ValueError(f"--gpus-per-worker {gpus:g} but the Ray cluster has {cluster.get('GPU', 0):g} GPUs")
@@ -180,7 +176,7 @@ def _model_name(model: Any) -> str:
 
 
 def _start_tracking(args: argparse.Namespace, model: Any, workers: int, cpus: float, gpus: float) -> Any:
-    from pipelines.tracking import Tracker, tracking_uri
+    from pipelines.track.tracker import Tracker, tracking_uri
 
     if args.no_tracking:
         return Tracker.disabled()

@@ -37,6 +37,27 @@ def config_from_args(args: argparse.Namespace) -> C.Config:
     return C.override(cfg, args.overrides)
 
 
+def call_job(label: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Run a job and turn its outcome into an exit status, the one mapping every entry point
+    uses: 0 done (or the status the job returned, e.g. submit's), 2 bad input (config,
+    arguments, data, model: one ``LABEL: error:`` line, no traceback), 1 the work failed
+    (`pipelines.common.JobError`), 130 interrupted (the message says how to continue)."""
+    from pipelines.common import JobError
+
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{label}: error: {exc}", file=sys.stderr)
+        return 2
+    except JobError as exc:
+        print(f"{label}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"{label}: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
 def run_job(
     verb: str,
     description: str,
@@ -44,12 +65,7 @@ def run_job(
     run: Callable[[argparse.Namespace], Any],
     argv: list[str] | None = None,
 ) -> None:
-    """``python -m jobs.<verb>``: parse, run, and turn bad input into one ``<verb>: error:``
-    line and exit status 2 instead of a traceback."""
+    """``python -m jobs.<verb>``: parse, run, exit with `call_job`'s status."""
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{verb}", description=description)
     add_arguments(parser)
-    try:
-        run(parser.parse_args(argv))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"{verb}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(call_job(verb, run, parser.parse_args(argv)))

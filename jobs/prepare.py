@@ -6,7 +6,6 @@ Also runs as ``ray job submit --working-dir . -- python -m jobs.prepare --data .
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 from jobs.options import add_config_arguments, config_from_args, run_job
@@ -43,30 +42,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def quiet_ray_data() -> None:
-    """Ray Data's progress bars on a terminal; in logs, no per-operator INFO lines."""
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray").setLevel(logging.WARNING)
-
-
 def run(args: argparse.Namespace) -> dict:
-    import ray
 
-    from pipelines.datasets import detect_source
-    from pipelines.prepare import prepare
+    from pipelines.common import start_ray
+    from pipelines.data.prepare import prepare
+    from pipelines.data.sources import open_source
 
     cfg = config_from_args(args)
     splits = tuple(None if s.strip() == "all" else s.strip() for s in args.splits.split(",") if s.strip())
     if not splits:
         raise ValueError("--splits needs at least one split name")
-    detect_source(args.data)  # a bad source fails here, before Ray starts
-    quiet_ray_data()
-    if not ray.is_initialized():
-        ray.init(
-            address=args.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-        )
+    probe = open_source(args.data)  # a bad source fails here, before Ray starts; parsed once
+    start_ray(args.address)
     print(f"preparing {args.data} -> {args.out} (preset {cfg.name}, splits {args.splits})", flush=True)
-    result = prepare(args.data, args.out, cfg, splits=splits, strict=args.strict, force=args.force)
+    result = prepare(probe, args.out, cfg, splits=splits, strict=args.strict, force=args.force)
     state = "up to date, reused" if result.reused else f"written in {result.seconds:.1f}s"
     for name, split in result.splits.items():
         print(

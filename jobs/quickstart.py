@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.options import run_job
+from pipelines.common import JobError
 
 DESCRIPTION = """Run the whole of rayssd on this machine: write the built-in dataset, train the
 tiny preset with Ray Train on 2 DDP workers (Ray Data prepares the samples), evaluate it,
@@ -62,7 +63,7 @@ MAP50_GOAL = 0.9  # what the full run reaches (see SETTINGS)
 SERVE_START_TIMEOUT_S = 180.0
 
 
-class QuickstartError(RuntimeError):
+class QuickstartError(JobError):
     """A stage did not deliver what the next one needs (the message says which)."""
 
 
@@ -144,9 +145,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from jobs import label as label_job
     from jobs import train as train_job
-    from jobs.prepare import quiet_ray_data
-    from pipelines.builtin import write_builtin
-    from pipelines.tracking import tracking_uri
+    from pipelines.common import quiet_ray_data
+    from pipelines.data.builtin import write_builtin
+    from pipelines.track.tracker import tracking_uri
 
     if args.keep_serving < 0:
         raise ValueError("--keep-serving must be >= 0 seconds")
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _serve_and_ask(args: argparse.Namespace, model_uri: str, data_dir: Path) -> dict[str, Any]:
     """Start `jobs.serve` in a thread, POST one val image, stop it; the answer and timings."""
     from jobs import serve as serve_job
-    from pipelines.serving import wait_until_healthy
+    from pipelines.serve.deployments import wait_until_healthy
 
     host = "127.0.0.1"
     port = _free_port(host, args.port)

@@ -19,9 +19,10 @@ DESCRIPTION = """Serve a trained model over HTTP with Ray Serve: POST /detect ta
 (raw JPEG/PNG/WebP/BMP body or a multipart upload; ?score_threshold=&max_detections=) and
 answers JSON boxes in the image's own pixels, scores, labels and class names. GET /healthz,
 GET /model, GET /stats, OpenAPI at /docs. A FastAPI ingress decodes and checks requests
-(413 over the byte or pixel limit, 415 other types, 400/422 bad images); a separate detector
-deployment batches concurrent requests (--max-batch-size, --batch-wait-ms) and scales on its
-own (--replicas N or --autoscale MIN:MAX). MODEL is a checkpoint file (or a folder holding
+(413 over the byte or pixel limit, 415 other types, 400/422 bad images) and sends the
+requests that wait together to a separate detector deployment in one call (--max-batch-size,
+--batch-wait-ms), which scales on its own (--replicas N or --autoscale MIN:MAX). --name and
+--route-prefix put several models side by side on one cluster. MODEL is a checkpoint file (or a folder holding
 checkpoint.pt), runs:/RUN_ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION; an alias is
 resolved once at start. The deployment's life is one MLflow run (experiment rayssd-serve):
 the model version served as params, request counts, errors by status, p50/p95/p99 latency
@@ -30,6 +31,19 @@ and batch sizes as metrics every --metrics-every seconds. Stop with Ctrl-C."""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="URI", help="checkpoint path or MLflow model URI")
+    parser.add_argument(
+        "--name",
+        default="rayssd",
+        help="Serve application name (default: rayssd); applications of other names on the same "
+        "cluster keep running, each with its own statistics",
+    )
+    parser.add_argument(
+        "--route-prefix",
+        default="/",
+        metavar="/PREFIX",
+        help="serve under /PREFIX/detect, /PREFIX/healthz, ... (default: /); give each application "
+        "on one cluster its own",
+    )
     parser.add_argument(
         "--host", help="address to listen on (default: serve.host of the model's config, 127.0.0.1)"
     )
@@ -53,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-wait-ms",
         type=float,
         metavar="MS",
-        help="longest wait for a batch to fill, milliseconds (default: serve config, 10)",
+        help="longest wait for a batch to fill while other batches run, milliseconds; an idle server "
+        "sends at once (default: serve config, 10)",
     )
     parser.add_argument(
         "--max-request-mb",
@@ -97,10 +112,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, serve_cfg):
-    from pipelines.serve_settings import ServeSettings
+    from pipelines.serve.settings import ServeSettings
 
     return ServeSettings.from_config(
         serve_cfg,
+        name=args.name,
+        route_prefix=args.route_prefix,
         host=args.host,
         port=args.port,
         replicas=args.replicas,
@@ -138,9 +155,9 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> dict[s
     """Deploy, log the MLflow run and block until Ctrl-C, --duration or `stop` is set."""
     import ray
 
-    from pipelines import serving
-    from pipelines.models import load_model
-    from pipelines.serve_stats import PUSH_INTERVAL_S
+    from pipelines.serve import deployments as serving
+    from pipelines.serve.stats import PUSH_INTERVAL_S
+    from pipelines.track.models import load_model
     from ssd import config as C
 
     if args.metrics_every <= 0 or (args.duration is not None and args.duration <= 0):
@@ -166,7 +183,7 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> dict[s
         raw = "-H 'Content-Type: image/jpeg' --data-binary @a.jpg"
         print(f"  curl -X POST '{url}/detect?score_threshold=0.3' {raw}")
         print(f"  curl -X POST {url}/detect -F file=@a.jpg", flush=True)
-        _serve_until_stopped(args, metrics, stop or threading.Event())
+        _serve_until_stopped(args, settings.name, metrics, stop or threading.Event())
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         raise
@@ -174,10 +191,10 @@ def run(args: argparse.Namespace, stop: threading.Event | None = None) -> dict[s
         summary = None
         if started:
             time.sleep(2 * PUSH_INTERVAL_S)  # the replicas' last numbers reach the board
-            summary = serving.stats()  # totals over the deployment's life
+            summary = serving.stats(app=settings.name)  # totals over the deployment's life
             metrics.log(summary)
         metrics.tracker.end(status)
-        serving.shutdown()
+        serving.shutdown(settings.name)
     return {"url": url, "model": label, "run_id": metrics.tracker.run_id, "stats": summary}
 
 
@@ -189,7 +206,7 @@ class _RunMetrics:
         self.step = 0
 
     def log(self, summary: dict[str, Any] | None) -> None:
-        from pipelines.serve_stats import flat_metrics
+        from pipelines.serve.stats import flat_metrics
 
         if summary is not None:
             self.tracker.log_metrics(flat_metrics(summary), step=self.step)
@@ -199,9 +216,14 @@ class _RunMetrics:
 def _start_run(args: argparse.Namespace, model, settings, url: str):
     from dataclasses import asdict
 
-    from pipelines.tracking import Tracker, tracking_uri
+    from pipelines.track.tracker import Tracker, tracking_uri
 
-    tags = {"rayssd.job": "serve", "rayssd.model_uri": model.uri, "rayssd.url": url}
+    tags = {
+        "rayssd.job": "serve",
+        "rayssd.model_uri": model.uri,
+        "rayssd.url": url,
+        "rayssd.app": settings.name,
+    }
     if model.version:
         tags["rayssd.model_version"] = f"{model.name}/{model.version}"
     tracker = Tracker.start(
@@ -223,17 +245,19 @@ def _start_run(args: argparse.Namespace, model, settings, url: str):
     return tracker
 
 
-def _serve_until_stopped(args: argparse.Namespace, metrics: _RunMetrics, stop: threading.Event) -> None:
+def _serve_until_stopped(
+    args: argparse.Namespace, app: str, metrics: _RunMetrics, stop: threading.Event
+) -> None:
     """Log the metrics of the requests since the last report every --metrics-every seconds;
     Ctrl-C stops."""
-    from pipelines import serving
+    from pipelines.serve import deployments as serving
 
     deadline = time.monotonic() + args.duration if args.duration else float("inf")
-    cursor = serving.stats()["cursor"]
+    cursor = serving.stats(app=app)["cursor"]
     try:
         while not stop.is_set() and time.monotonic() < deadline:
             stop.wait(min(args.metrics_every, max(0.0, deadline - time.monotonic())))
-            summary = serving.stats(after=cursor)  # every sample in exactly one report
+            summary = serving.stats(after=cursor, app=app)  # every sample in exactly one report
             cursor = summary["cursor"]
             metrics.log(summary)
     except KeyboardInterrupt:

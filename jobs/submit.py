@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from jobs.options import run_job
+
 DESCRIPTION = """Run a rayssd job (train, label, evaluate, serve, prepare, quickstart, data) on a
 Ray cluster through its Jobs API: sends `python -m jobs.VERB ARGS` with runtime_env.yaml's
 environment (this checkout as the working directory), follows the job's log, and exits 0
@@ -175,14 +177,7 @@ def _wait_final(client: Any, job_id: str, timeout_s: float = 60.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.submit", description=DESCRIPTION)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        sys.exit(run(args))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"submit: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_job("submit", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

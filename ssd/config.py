@@ -448,3 +448,10 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(f"{name} {message}")
     return cfg
+
+
+def with_classes(cfg: Config, class_names: tuple[str, ...]) -> Config:
+    """The config with the dataset's classes (labels 1..K, 0 = background)."""
+    return override(
+        cfg, [f"model.num_classes={len(class_names) + 1}", f"data.class_names={list(class_names)}"]
+    )

@@ -22,11 +22,11 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from jobs import train as train_job
-from pipelines import serving
-from pipelines.builtin import write_builtin
-from pipelines.serve_app import build, settings_overrides
+from pipelines.data.builtin import write_builtin
+from pipelines.serve import deployments as serving
+from pipelines.serve.app import build, settings_overrides
 from tests.ports import free_port
-from tests.test_serving import _direct
+from tests.serve.test_serving import _direct
 from tests.trained_tiny import train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_rayservice_serves_the_import_path_that_builds_the_app(rayservice):
     ServeDeploySchema.model_validate(config)  # Serve's own check of a config file
     app = _app_config(rayservice)
     assert (app["name"], app["route_prefix"]) == (serving.APP_NAME, "/")  # what serving.shutdown deletes
-    assert app["import_path"] == "pipelines.serve_app:build"
+    assert app["import_path"] == "pipelines.serve.app:build"
     module, _, attr = app["import_path"].partition(":")
     builder = getattr(importlib.import_module(module), attr)
     assert callable(builder) and len(inspect.signature(builder).parameters) == 1  # Serve's rule
@@ -235,7 +235,7 @@ def test_the_built_application_answers_http_like_the_model_called_directly(ray_l
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})  # as serving.start does
     try:
-        # strings, as `serve run pipelines.serve_app:build key=value` passes them
+        # strings, as `serve run pipelines.serve.app:build key=value` passes them
         app = build(
             {
                 "model": trained,

@@ -1,0 +1,75 @@
+"""What every stage shares: starting Ray, the actor namespace, quiet logs, worker memory.
+
+Kept small on purpose: a stage (`data`, `train`, `label`, `serve`, `track`) imports this,
+`data` and `track`, never another stage's internals.
+
+Memory: glibc returns freed blocks above its mmap/trim thresholds to the kernel at once, so every
+batch of targets ([B, A, 4] floats, megabytes) is page-faulted in again from zero. On two
+cores that costs more than the matching itself (measured in benchmarks/bench_core.py).
+Keeping such blocks in the heap removes the faults. Called once per worker process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Named actors (epoch clock, progress board, serving statistics) live here, so that the
+# driver, Ray Train workers and Ray Data workers (each in their own job namespace by
+# default) find the same ones.
+ACTOR_NAMESPACE = "rayssd"
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_BYTES = 256 * 1024 * 1024
+
+
+def keep_freed_memory(max_bytes: int = _KEEP_BYTES) -> bool:
+    """Ask glibc to keep up to `max_bytes` of freed memory for reuse. False if not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mmap_limit = min(max_bytes, 32 * 1024 * 1024)  # glibc caps the mmap threshold at 32 MiB
+        ok = (
+            libc.mallopt(_M_MMAP_THRESHOLD, mmap_limit) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, max_bytes) == 1
+        )
+    except (OSError, AttributeError) as exc:
+        log.debug("mallopt unavailable: %s", exc)
+        return False
+    return bool(ok)
+
+
+class JobError(RuntimeError):
+    """The work itself failed, not its input (a job exits with status 1 instead of 2); the
+    message says what failed and what to do."""
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars on a terminal; in logs, no per-operator INFO lines."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+def start_ray(address: str | None, **init_kwargs: Any) -> bool:
+    """Connect to `address` (``auto``, ``ray://host:10001``; None: a new local Ray) unless
+    Ray is already up in this process, with quiet logs. Returns whether it started Ray."""
+    import ray
+
+    quiet_ray_data()
+    if ray.is_initialized():
+        return False
+    init_kwargs.setdefault("include_dashboard", False)
+    init_kwargs.setdefault("log_to_driver", False)
+    init_kwargs.setdefault("logging_level", logging.WARNING)
+    ray.init(address=address, **init_kwargs)
+    return True

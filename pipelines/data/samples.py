@@ -1,0 +1,203 @@
+"""Rows → training samples or network inputs on CPU workers: decode, augment, resize, match.
+
+Trainers only run forward and backward; everything here runs in Ray Data `map_batches`
+anywhere in the cluster. Input rows follow `pipelines.data.datasets` (``image_id``, ``path``,
+``width``, ``height``, ``boxes`` [N, 4] xyxy pixels, ``labels`` [N], ``ignore`` [N]).
+Output rows are ``image_id``, ``width``, ``height`` (of the original image) and ``image``
+uint8 [3, S, S]; training samples add ``cls_targets`` int16 [A] and ``loc_targets``
+float32 [A, 4] (matched to the default boxes), and prepared samples keep the row's
+``boxes``, ``labels`` and ``ignore`` for evaluation. Network inputs (evaluation) skip the
+matching altogether.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow.fs
+import torch
+
+from pipelines.common import ACTOR_NAMESPACE, keep_freed_memory
+from ssd import config as C
+from ssd.anchors import default_boxes
+from ssd.grid_matching import GridMatcher
+from ssd.image import decode_image
+from ssd.matching import encode_targets_batch
+from ssd.transforms import eval_transform, rng_for, train_transform
+
+log = logging.getLogger(__name__)
+
+INPUT_COLUMNS = ("image_id", "width", "height", "image")  # network inputs
+TARGET_COLUMNS = ("cls_targets", "loc_targets")  # training samples add these
+ANNOTATION_COLUMNS = ("boxes", "labels", "ignore")  # prepared samples add these
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image file (local path or any pyarrow filesystem URI) to uint8 [H, W, 3] RGB
+    (`ssd.image.decode_image`)."""
+    if "://" in path:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        with fs.open_input_file(inner) as f:
+            return decode_image(f.read())
+    return decode_image(path)
+
+
+def class_target_dtype(num_classes: int) -> np.dtype:
+    """Smallest integer type that holds every class index exactly."""
+    return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max else np.dtype(np.int32)
+
+
+def sample_bytes(cfg: C.Config) -> int:
+    """Bytes of one prepared sample: the uint8 image and the targets of every default box."""
+    size, num_boxes = cfg.model.image_size, len(default_boxes(cfg))
+    cls_bytes = np.dtype(class_target_dtype(cfg.model.num_classes)).itemsize
+    return 3 * size * size + num_boxes * (cls_bytes + 4 * 4) + 64
+
+
+class SamplePreprocessor:
+    """Ray Data callable class: a batch of source rows → a batch of samples.
+
+    Built once per worker (default boxes, the grid matcher, allocator settings); each call
+    decodes the batch's images, applies `ssd.transforms.train_transform` seeded by
+    (seed, epoch, image_id) — so a run repeats exactly — or the deterministic
+    `eval_transform`, then matches and encodes the whole batch at once (unless `targets`
+    is False: network inputs only). Boxes flagged ``ignore`` (COCO crowd, VOC difficult)
+    are left out of the targets; `annotations` passes the row's boxes through unchanged.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        train: bool,
+        epoch: int | str = 0,
+        threads: int = 1,
+        targets: bool = True,
+        annotations: bool = False,
+    ):
+        self.cfg = C.from_dict(config)
+        self.train = train and self.cfg.data.augment
+        self.targets, self.annotations = targets, annotations
+        self.epoch = 0
+        # an int fixes the epoch; a str names an `EpochClock` actor the training loop advances
+        self.clock = _clock_handle(epoch) if isinstance(epoch, str) else None
+        if isinstance(epoch, int):
+            self.epoch = epoch
+        self.size = self.cfg.model.image_size
+        self.default_boxes = default_boxes(self.cfg)
+        self.matcher = GridMatcher.from_config(self.cfg, self.default_boxes) if targets else None
+        self.cls_dtype = class_target_dtype(self.cfg.model.num_classes)
+        torch.set_num_threads(threads)  # a data worker owns one CPU; no oversubscription
+        keep_freed_memory()
+
+    def _sample(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image = read_image(str(row["path"]))
+        keep = ~np.asarray(row["ignore"], dtype=bool)
+        boxes = np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)[keep]
+        labels = np.asarray(row["labels"], dtype=np.int64).reshape(-1)[keep]
+        if self.train:
+            rng = rng_for(self.cfg.data.seed, self.epoch, int(row["image_id"]))
+            return train_transform(image, boxes, labels, self.size, rng)
+        resized, unit_boxes = eval_transform(image, boxes, self.size)
+        return resized, unit_boxes, labels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.clock is not None and self.train:
+            import ray
+
+            self.epoch = int(ray.get(self.clock.get.remote()))
+        rows = [
+            {key: batch[key][i] for key in ("image_id", "path", "boxes", "labels", "ignore")}
+            for i in range(len(batch["image_id"]))
+        ]
+        samples = [self._sample(row) for row in rows]  # decode + augment: per image by nature
+        out = {
+            "image_id": np.asarray(batch["image_id"], dtype=np.int64),
+            "width": np.asarray(batch["width"], dtype=np.int64),
+            "height": np.asarray(batch["height"], dtype=np.int64),
+            "image": np.stack([np.ascontiguousarray(s[0].transpose(2, 0, 1)) for s in samples]),  # [B,3,S,S]
+        }
+        if self.targets:
+            boxes = [torch.from_numpy(np.ascontiguousarray(s[1], dtype=np.float32)) for s in samples]
+            labels = [torch.from_numpy(np.ascontiguousarray(s[2], dtype=np.int64)) for s in samples]
+            cls_targets, loc_targets = encode_targets_batch(
+                boxes, labels, self.default_boxes, self.cfg.train.iou_threshold, self.matcher
+            )
+            out["cls_targets"] = cls_targets.numpy().astype(self.cls_dtype)
+            out["loc_targets"] = loc_targets.numpy()
+        if self.annotations:
+            for key in ANNOTATION_COLUMNS:
+                out[key] = batch[key]
+        return out
+
+
+class EpochClock:
+    """The current epoch, held by a named actor so that data workers seed augmentation by
+    epoch: Ray Data runs the pipeline afresh each epoch, in workers that don't know which.
+    Create with `start_epoch_clock`; the training loop calls ``set`` before each epoch."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+
+def start_epoch_clock(name: str) -> Any:
+    """Create (or find) the named `EpochClock` actor; returns its handle."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(EpochClock)
+    return actor.options(name=name, namespace=ACTOR_NAMESPACE, get_if_exists=True).remote()
+
+
+def _clock_handle(name: str) -> Any:
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=ACTOR_NAMESPACE)
+    except ValueError as exc:
+        raise ValueError(
+            f"no epoch clock actor named {name!r}: call start_epoch_clock({name!r}) first"
+        ) from exc
+
+
+def preprocess(
+    ds: Any,
+    cfg: C.Config,
+    *,
+    train: bool,
+    epoch: int | str = 0,
+    batch_size: int = 32,
+    workers: tuple[int, int] = (1, 2),
+    num_cpus: float = 1.0,
+    targets: bool = True,
+    annotations: bool = False,
+) -> Any:
+    """Lazily map a source `ray.data.Dataset` to samples (see module docstring).
+
+    `epoch` is a fixed epoch or the name of an `EpochClock`; `workers` is the (min, max)
+    size of the autoscaling actor pool; `num_cpus` per worker may be fractional to share
+    CPUs with co-located trainers. `targets=False` gives network inputs only (no matching:
+    evaluation); `annotations` keeps the rows' boxes (prepared samples).
+    """
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        SamplePreprocessor,
+        fn_constructor_kwargs={
+            "config": C.to_dict(cfg),
+            "train": train,
+            "epoch": epoch,
+            "targets": targets,
+            "annotations": annotations,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=workers[0], max_size=workers[1]),
+        num_cpus=num_cpus,
+    )

@@ -1,0 +1,235 @@
+"""Checkpoints as MLflow models: `log_model` logs one as a pyfunc model with models-from-code
+(`pipelines/track/pyfunc.py`, so nothing is pickled) in a `Tracker`'s run, registers it and
+moves the ``champion`` alias only when it beats the current holder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from pipelines.track.tracker import Tracker
+from ssd import config as C
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model"  # the logged model's name inside its run
+MODEL_CODE = Path(__file__).with_name("pyfunc.py")
+SSD_PACKAGE = Path(__file__).resolve().parents[2] / "ssd"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str  # registered model name
+    version: str  # the new version
+    metric: str  # what decides the alias, e.g. "map"
+    value: float  # the new version's metric (nan when the checkpoint lacks it)
+    champion: bool  # the alias now points at the new version
+    previous_champion: str | None  # version that held the alias before, if any
+
+
+def log_model(
+    tracker: Tracker,
+    checkpoint_file: str,
+    *,
+    register_as: str | None,
+    metric: str = "map",
+    alias: str = "champion",
+) -> RegisteredVersion | None:
+    """Log an inference checkpoint as the pyfunc model ``model`` of the tracker's run and,
+    with `register_as`, register it and move `alias` to it if its `metric` beats the
+    holder's.
+
+    Returns the registered version (None when not registering, when the tracker is
+    disabled, or when logging failed, which is warned). A missing or invalid checkpoint
+    file is the caller's bug and raises (FileNotFoundError / ValueError).
+    """
+    from ssd import checkpoint
+
+    if not tracker.enabled:
+        return None
+    ckpt = checkpoint.load(checkpoint_file)
+    cfg = checkpoint.config_of(ckpt)
+    value = float(ckpt.get("metrics", {}).get(metric, float("nan")))
+    tags = {"config": cfg.name, metric: str(value), "epoch": str(ckpt["epoch"]), "step": str(ckpt["step"])}
+    logged = tracker.safely(
+        "logging the model", _log_pyfunc, tracker, Path(checkpoint_file), cfg.model.image_size, tags
+    )
+    if logged is None or register_as is None:
+        return None
+    return tracker.safely(
+        "registering the model", _register, tracker, register_as, logged, metric, value, alias, tags
+    )
+
+
+def _log_pyfunc(tracker: Tracker, checkpoint_file: Path, image_size: int, tags: dict[str, str]) -> Any:
+    """Log the model by hand with the tracker's client (``mlflow.pyfunc.log_model`` would use
+    the global tracking URI and experiment). Returns the `mlflow.entities.LoggedModel`."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    client = tracker.client
+    logged = client.create_logged_model(
+        tracker.experiment_id, name=MODEL_NAME, source_run_id=tracker.run_id, tags=tags
+    )
+    with tempfile.TemporaryDirectory(prefix="rayssd-model-") as tmp:
+        source = _named_checkpoint(checkpoint_file, Path(tmp))
+        local = Path(tmp) / MODEL_NAME
+        with warnings.catch_warnings():
+            # We give a signature; an input example would load and run the model at every log.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            _save_pyfunc(local, source, image_size, tracker.run_id, logged)
+        for pycache in local.rglob("__pycache__"):
+            shutil.rmtree(pycache, ignore_errors=True)
+        client.log_model_artifacts(logged.model_id, str(local))
+    client.log_outputs(tracker.run_id, [LoggedModelOutput(logged.model_id, step=int(tags["step"]))])
+    return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+
+def _save_pyfunc(local: Path, source: Path, image_size: int, run_id: str, logged: Any) -> None:
+    import mlflow
+    from mlflow.models import Model
+
+    mlflow.pyfunc.save_model(
+        path=str(local),
+        python_model=str(MODEL_CODE),
+        artifacts={"checkpoint": str(source)},
+        code_paths=[str(SSD_PACKAGE)],  # the loader imports ssd: ship it with the model
+        signature=_signature(image_size),
+        pip_requirements=_requirements(),  # inferring them would import the model in a subprocess
+        mlflow_model=Model(
+            artifact_path=logged.artifact_location,
+            model_uuid=logged.model_id,
+            model_id=logged.model_id,
+            run_id=run_id,
+        ),
+    )
+
+
+def _named_checkpoint(checkpoint_file: Path, tmp: Path) -> Path:
+    """The checkpoint under the name `pipelines.track.models.load_model` looks for."""
+    from ssd.checkpoint import FILE_NAME
+
+    if checkpoint_file.is_dir():
+        checkpoint_file = checkpoint_file / FILE_NAME
+    if checkpoint_file.name == FILE_NAME:
+        return checkpoint_file
+    copy = tmp / "checkpoint" / FILE_NAME
+    copy.parent.mkdir()
+    shutil.copyfile(checkpoint_file, copy)
+    return copy
+
+
+def _signature(image_size: int) -> Any:
+    """uint8 images [-1, 3, S, S] in; per image boxes [K, 4] xyxy pixels, scores [K], labels [K]
+    and class names [K] out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, image_size, image_size))]),
+        outputs=Schema(
+            [
+                ColSpec(Array(Array(DataType.float)), "boxes"),
+                ColSpec(Array(DataType.float), "scores"),
+                ColSpec(Array(DataType.long), "labels"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("score_threshold", DataType.float, C.ANSWER_SCORE_THRESHOLD)]),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("mlflow", "torch", "torchvision", "numpy", "pyyaml", "pillow"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def _register(
+    tracker: Tracker,
+    name: str,
+    logged: Any,
+    metric: str,
+    value: float,
+    alias: str,
+    tags: dict[str, str],
+) -> RegisteredVersion:
+    """Register the logged model; `alias` moves only to a strictly better `metric`.
+
+    Two jobs finishing at the same moment can both see the old holder; the later alias
+    write wins. Rare enough for a training registry; a lock would need a second store.
+    """
+    client = tracker.client
+    _ensure_registered_model(client, name)
+    # A server resolves a models:/m-<id> source with its own store; a local (sqlite) registry
+    # in MLflow 3.17 resolves it through the *global* tracking URI instead (and fails, or
+    # creates ./mlflow.db), so local stores get the model's artifact location.
+    remote = urlparse(tracker.uri).scheme in ("http", "https")
+    source = f"models:/{logged.model_id}" if remote else logged.artifact_location
+    version = client.create_model_version(
+        name, source=source, run_id=tracker.run_id, tags=tags, model_id=logged.model_id
+    )
+    holder = _alias_holder(client, name, alias)
+    previous = holder.version if holder is not None else None
+    champion = holder is None or value > _tagged(holder.tags, metric)
+    if champion:
+        client.set_registered_model_alias(name, alias, version.version)
+    log.info(
+        "registered %s version %s (%s=%.4g); %s %s",
+        name,
+        version.version,
+        metric,
+        value,
+        alias,
+        "moved to it" if champion else f"stays on version {previous}",
+    )
+    return RegisteredVersion(name, str(version.version), metric, value, champion, previous)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        client.create_registered_model(name)
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        if alias in client.get_registered_model(name).aliases:
+            raise  # the alias exists, so this was some other failure
+        return None
+
+
+def _tagged(tags: dict[str, str], metric: str) -> float:
+    """The holder's tagged metric; a holder without one (set by hand) is never displaced,
+    a NaN one always is."""
+    try:
+        value = float(tags[metric])
+    except (KeyError, ValueError):
+        return float("inf")
+    return float("-inf") if value != value else value

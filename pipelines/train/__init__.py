@@ -1,0 +1,1 @@
+"""Training on Ray Train: the worker loop (`loop`) and the live progress board (`progress`)."""

@@ -1,0 +1,178 @@
+"""What a training run reads: training samples and the val split's network inputs.
+
+From a source (COCO file, VOC root) or from prepared samples (`pipelines.data.prepare`):
+
+* prepared samples (``--data OUT`` of `rayssd prepare`) are read as they are: no decoding,
+  resizing or matching; `PreparedSamples.check` refuses samples made for another preset or
+  class list;
+* without augmentation (``data.augment=false``) and with ``data.cache`` a source is prepared
+  once into ``STORAGE/samples/`` and read back the same way, by this run and any later one
+  (`prepare` notices a changed source or config and rebuilds);
+* with augmentation every epoch draws new samples from the source rows on CPU workers
+  (`pipelines.data.samples.preprocess`, seeded by the epoch clock).
+
+Each source is parsed once (its `Probe` is reused for every split), val inputs never carry
+matching targets, and the val ground truth comes from the rows or the prepared samples, not
+from another read of the annotation file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from pipelines.data.datasets import DatasetInfo, coco_ground_truth, read_dataset
+from pipelines.data.prepare import PreparedSamples, open_prepared, prepare, sample_hash
+from pipelines.data.samples import preprocess
+from pipelines.data.sources import Probe
+from ssd import config as C
+from ssd.config import with_classes
+
+log = logging.getLogger(__name__)
+
+CACHE_FOLDER = "samples"  # STORAGE/samples/<source>-<digest>: the prepared samples of a source
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One ``--data`` / ``--val-data`` argument, looked at once before Ray starts: prepared
+    samples, or a source with its parsed `Probe`."""
+
+    given: str
+    probe: Probe | None = None
+    prepared: PreparedSamples | None = None
+
+    @property
+    def uri(self) -> str:
+        return str(self.prepared.root) if self.prepared is not None else self.probe.location.uri
+
+
+def open_training_source(path: str) -> Source:
+    """`path` as a training source; ValueError naming what is wrong (checked before Ray starts)."""
+    from pipelines.data.prepare import is_prepared
+    from pipelines.data.sources import open_source
+
+    if is_prepared(path):
+        return Source(path, prepared=open_prepared(path))
+    probe = open_source(path)
+    if probe.kind == "folder":
+        raise ValueError(f"{path} is a folder of unlabelled images; training needs COCO or VOC labels")
+    return Source(path, probe=probe)
+
+
+@dataclasses.dataclass
+class TrainData:
+    """What the trainer reads, decided on the driver."""
+
+    cfg: C.Config  # the run's config with the dataset's classes
+    info: DatasetInfo  # the training data's
+    train: Any  # ray.data.Dataset of training samples (image, cls_targets, loc_targets, ...)
+    val: Any  # ray.data.Dataset of val network inputs (image_id, width, height, image)
+    ground_truth: dict  # the val split in COCO format
+    num_train: int
+    num_val: int
+    prepared: bool  # training reads prepared samples (given, or prepared by this run)
+
+    def val_parts(self, workers: int) -> list[Any]:
+        """The val inputs cut into one contiguous part per rank (rank r evaluates part r)."""
+        cuts = [self.num_val * r // workers for r in range(1, workers)]
+        return self.val.split_at_indices(cuts) if cuts else [self.val]
+
+
+def training_data(
+    data: Source,
+    val_data: Source | None,
+    cfg: C.Config,
+    *,
+    storage: Path,
+    epoch_clock: str | None,
+    data_cpus: float,
+) -> TrainData:
+    """Training samples and val inputs for `cfg` (see the module docstring). Without
+    `val_data` the val split is the source's own (VOC ImageSets, a seeded fraction of a
+    COCO file, or the val split of prepared samples)."""
+    if cfg.data.augment and data.prepared is not None:
+        print("note: training from prepared samples, which are not augmented: data.augment=false", flush=True)
+        cfg = C.override(cfg, ["data.augment=false"])
+    cache = cfg.data.cache and not cfg.data.augment
+    own_splits = ("all",) if val_data is not None else ("train", "val")
+    prepared = _prepared(data, cfg, storage, own_splits) if cache or data.prepared else None
+    if prepared is not None:
+        cfg = prepared.check(cfg)
+        split = prepared.split_for("train")
+        info, samples = prepared.info(split), prepared.dataset(split)
+    else:
+        rows, info, _ = read_dataset(data.probe, split=None if val_data else "train", **_split_args(cfg))
+        cfg = with_classes(cfg, info.class_names)
+        samples = preprocess(rows, cfg, train=True, epoch=epoch_clock, workers=(1, 2), num_cpus=data_cpus)
+
+    if val_data is None and prepared is not None:
+        val = prepared
+        if "val" not in val.splits:
+            raise ValueError(
+                f"{data.uri} holds no prepared val split (only {list(val.splits)}); pass --val-data"
+            )
+    elif val_data is not None and (cache or val_data.prepared):
+        val = _prepared(val_data, cfg, storage, ("all",))
+        val.check(cfg, what=f"--data {data.given}")
+    else:
+        val = None
+    if val is not None:
+        split = val.split_for("val")
+        val_info, inputs, ground_truth = (
+            val.info(split),
+            val.dataset(split, targets=False),
+            val.ground_truth(split),
+        )
+    else:
+        source = val_data or data
+        rows, val_info, _ = read_dataset(source.probe, split=None if val_data else "val", **_split_args(cfg))
+        rows = rows.materialize()
+        inputs = preprocess(rows, cfg, train=False, targets=False, workers=(1, 1), num_cpus=data_cpus)
+        ground_truth = coco_ground_truth(rows, val_info)
+    if tuple(val_info.class_names) != tuple(info.class_names):
+        raise ValueError(
+            f"--val-data classes {list(val_info.class_names)} differ from --data classes "
+            f"{list(info.class_names)}"
+        )
+    return TrainData(
+        cfg=cfg,
+        info=info,
+        train=samples,
+        val=inputs.materialize(),
+        ground_truth=ground_truth,
+        num_train=info.num_images,
+        num_val=val_info.num_images,
+        prepared=prepared is not None,
+    )
+
+
+def _split_args(cfg: C.Config) -> dict[str, Any]:
+    return {"val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed}
+
+
+def _prepared(source: Source, cfg: C.Config, storage: Path, splits: tuple[str, ...]) -> PreparedSamples:
+    """The source's prepared samples: as given, or prepared now (or reused) under STORAGE."""
+    if source.prepared is not None:
+        return source.prepared
+    out = cache_folder(storage, source.uri, cfg)
+    wanted = tuple(None if s == "all" else s for s in splits)
+    print(f"preparing the samples of {source.uri} once (no augmentation) in {out}", flush=True)
+    result = prepare(source.probe, out, cfg, splits=wanted)
+    rows = sum(entry["rows"] for entry in result.splits.values())
+    verb = "reused" if result.reused else "prepared"
+    print(f"{verb} {rows} samples in {result.seconds:.1f} s; every epoch reads them back", flush=True)
+    return open_prepared(out)
+
+
+def cache_folder(storage: Path, source_uri: str, cfg: C.Config) -> Path:
+    """STORAGE/samples/<name>-<digest>: one folder per source and sample-relevant config
+    (without the classes, which come from the source), so runs of other presets keep theirs."""
+    digest = hashlib.sha256(json.dumps([source_uri, sample_hash(cfg)]).encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source_uri.rstrip("/")).stem)[:40] or "source"
+    return storage / CACHE_FOLDER / f"{stem}-{digest}"

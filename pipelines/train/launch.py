@@ -1,0 +1,403 @@
+"""`rayssd train`'s orchestration: plan before Ray starts, then data, tracking, Ray Train, registry.
+
+`plan` checks everything that needs no cluster (config values, the data sources — parsed
+once here and kept —, the run directory, workers against this machine's CPUs) and raises
+ValueError naming what is wrong; `run` starts Ray, builds the data (`pipelines.train.datasets`),
+starts the MLflow run, runs the `TorchTrainer` over `pipelines.train.loop`, and registers
+the final model. `jobs/train.py` only turns arguments into `TrainOptions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.common import JobError
+from ssd import config as C
+
+RUN_FILE = "rayssd_run.json"  # in STORAGE/NAME: the MLflow run id and the config, for --resume
+DATA_RESERVE_CPUS = 0.5  # kept free for the data pipeline when training shares a small machine
+
+
+class TrainRunError(JobError):
+    """The workers failed beyond --max-failures; the message holds their error snippets."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says how to resume."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """What the user asked for (`rayssd train`'s options, typed)."""
+
+    data: str  # a COCO file, VOC root or prepared samples (path or URI)
+    cfg: C.Config  # preset + config file + overrides (a resumed run uses its own)
+    val_data: str | None = None
+    config_given: bool = False  # a config file or overrides were given (refused with resume)
+    workers: int | None = None  # default: train.num_workers
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None  # None: decided from the cluster's CPUs
+    name: str | None = None  # default: PRESET-YYYYmmdd-HHMMSS
+    storage: str = "rayssd-runs"
+    resume: bool = False
+    stop_after_epochs: int | None = None
+    max_failures: int = 3
+    keep_checkpoints: int = 2  # 0: all
+    experiment: str = "rayssd"
+    register_as: str | None = None  # default rayssd-PRESET; "none" skips
+    placement: str = "PACK"
+    address: str | None = None
+    quiet: bool = False
+    param_digests: bool = False
+
+
+@dataclasses.dataclass
+class Plan:
+    """What `run` will do, decided before Ray starts."""
+
+    options: TrainOptions
+
+    cfg: C.Config
+    name: str
+    storage: Path
+    workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float | None  # None: decided from the cluster's CPUs
+    resume: bool
+    run_id: str | None  # MLflow run to continue (resume)
+    data: Any  # `pipelines.train.datasets.Source` of --data, looked at (parsed) once
+    val_data: Any  # ... of --val-data, or None
+
+
+# --- planning: every check that needs no cluster ---------------------------------------------
+
+
+def plan(o: TrainOptions) -> Plan:
+    """Validate everything that can be checked before Ray starts; raises ValueError."""
+    from pipelines.train.datasets import open_training_source
+
+    if "://" in o.storage:
+        raise ValueError(
+            f"--storage {o.storage}: object-store URIs are not supported yet; give a local path, or on "
+            "a cluster a path every node mounts (e.g. NFS)"
+        )
+    storage = Path(o.storage).expanduser().resolve()
+    resume = bool(o.resume)
+    if resume and not o.name:
+        raise ValueError("--resume needs --name: the run to continue")
+    name = o.name or None
+    run_file = storage / name / RUN_FILE if name else None
+    run_id = None
+    if resume:
+        if run_file is None or not run_file.is_file():
+            raise ValueError(f"no run {name!r} to resume in {storage} (expected {run_file})")
+        if o.config_given:
+            raise ValueError("--resume continues a run with its own config; drop --set and --config")
+        try:
+            saved = json.loads(run_file.read_text())
+            cfg = C.from_dict(saved["config"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{run_file} is not a rayssd run record: {exc!r}") from exc
+        if saved.get("finished"):
+            raise ValueError(
+                f"run {name!r} already finished all {cfg.train.epochs} epochs; nothing to resume"
+            )
+        if saved.get("val_data") != o.val_data:
+            raise ValueError(
+                f"run {name!r} was started with --val-data {saved.get('val_data')}; resume it with the same"
+            )
+        if o.workers is not None:
+            cfg = C.override(cfg, [f"train.num_workers={o.workers}"])  # any worker count may resume
+        run_id = saved.get("mlflow_run_id")
+    else:
+        cfg = o.cfg
+        if o.workers is not None:
+            cfg = C.override(cfg, [f"train.num_workers={o.workers}"])
+        if name and run_file is not None and run_file.exists():
+            raise ValueError(
+                f"run {name!r} already exists in {storage}; pass --resume to continue it "
+                "or choose another --name"
+            )
+        name = name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    workers = cfg.train.num_workers
+    if o.gpus_per_worker < 0 or (o.cpus_per_worker is not None and o.cpus_per_worker <= 0):
+        raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    if o.stop_after_epochs is not None and o.stop_after_epochs < 1:
+        raise ValueError("--stop-after-epochs must be >= 1")
+    if not o.address:
+        _check_local_resources(workers, o.gpus_per_worker, o.cpus_per_worker)
+    data = open_training_source(o.data)
+    val_data = open_training_source(o.val_data) if o.val_data else None
+    for source in (data, val_data):
+        if source is not None and source.prepared is not None:
+            source.prepared.check(cfg, what=f"this run ({source.given})")  # another preset: refused now
+    return Plan(
+        o,
+        cfg,
+        name,
+        storage,
+        workers,
+        o.gpus_per_worker,
+        o.cpus_per_worker,
+        resume,
+        run_id,
+        data,
+        val_data,
+    )
+
+
+def _check_local_resources(workers: int, gpus: float, cpus: float | None) -> None:
+    import torch
+
+    have = os.cpu_count() or 1
+    need = workers * (cpus or 1.0)
+    if need > have:
+        raise ValueError(
+            f"train.num_workers={workers} needs {need:g} CPUs for training workers but this machine has "
+            f"{have}; use --workers {have} or fewer (or --cpus-per-worker below 1)"
+        )
+    if gpus > 0 and torch.cuda.device_count() < workers * gpus:
+        raise ValueError(
+            f"--gpus-per-worker {gpus:g} x {workers} workers needs {workers * gpus:g} GPUs; "
+            f"this machine has {torch.cuda.device_count()}"
+        )
+
+
+# --- running---------------------------------------------------------------------------------
+
+
+def run(p: Plan) -> dict[str, Any]:
+    """Train as planned; returns the outcome (metrics, epochs, checkpoint, registered model,
+    history, workers). Raises TrainRunError when the workers failed beyond max_failures and
+    Interrupted on Ctrl-C (both say how to resume)."""
+    o = p.options
+    import ray
+
+    from pipelines.common import start_ray
+    from pipelines.data.samples import start_epoch_clock
+    from pipelines.train.datasets import training_data
+
+    start_ray(o.address)
+    cpus, data_cpus, threads = _cpu_split(p, ray.cluster_resources())
+    clock_name = f"rayssd-clock-{p.name}"
+    _kill_named(clock_name, f"rayssd-progress-{p.name}")  # left by an earlier, interrupted session
+    clock = start_epoch_clock(clock_name)  # keep the handle: Ray collects unreferenced actors
+    try:
+        data = training_data(
+            p.data, p.val_data, p.cfg, storage=p.storage, epoch_clock=clock_name, data_cpus=data_cpus
+        )
+        if p.resume and data.cfg != p.cfg:
+            raise ValueError("the data's classes differ from those the run was started with")
+        cfg = data.cfg
+        tracker = _start_tracking(o, p, cfg, data)
+    except BaseException:
+        ray.kill(clock)
+        raise
+    run_id = tracker.run_id if tracker.enabled else p.run_id
+    _write_run_file(p, cfg, run_id, o.val_data)
+    try:
+        result, board_state = _fit(o, p, data, tracker, clock, cpus, threads)
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise Interrupted(f"run {p.name} interrupted; continue it with --resume --name {p.name}") from None
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    out = _finish(o, p, cfg, result, tracker)
+    if out.get("epochs_done", 0) >= cfg.train.epochs:
+        _write_run_file(p, cfg, run_id, o.val_data, finished=True)
+    out["history"] = board_state["epochs"]  # what rank 0 reported, in order (this session)
+    out["samples_cached"] = data.prepared
+    out["workers"] = {str(rank): info for rank, info in sorted(board_state["workers"].items())}
+    out["param_digests"] = {
+        str(e): {str(r): d for r, d in v.items()} for e, v in board_state["digests"].items()
+    }
+    return out
+
+
+def _cpu_split(p: Plan, resources: dict[str, float]) -> tuple[float, float, int]:
+    """(CPUs per training worker, CPUs per data worker, torch threads per training worker)."""
+    total = float(resources.get("CPU", 0))
+    if p.cpus_per_worker is not None:
+        cpus = p.cpus_per_worker
+    elif total >= p.workers + 2:
+        cpus = 1.0
+    else:  # a laptop: leave the data pipeline a share instead of starving it
+        cpus = max(0.25, min(1.0, (total - DATA_RESERVE_CPUS) / p.workers))
+    if p.workers * cpus > total:
+        raise ValueError(
+            f"train.num_workers={p.workers} x {cpus:g} CPUs exceeds the cluster's {total:g} CPUs; "
+            "use fewer --workers"
+        )
+    data_cpus = 1.0 if total - p.workers * cpus >= 2 else 0.25
+    threads = max(1, int(cpus))
+    if p.cpus_per_worker is None and total < p.workers + 2:
+        # On a small machine the data pipeline runs ahead and then idles: let the workers'
+        # threads cover the cores (one worker on two cores trains with two threads).
+        threads = max(1, int(total // p.workers))
+    return cpus, data_cpus, threads
+
+
+def _start_tracking(o: TrainOptions, p: Plan, cfg: C.Config, data):
+    from pipelines.track.tracker import Tracker, tracking_uri
+
+    tags = {
+        "rayssd.job": "train",
+        "rayssd.preset": cfg.name,
+        "rayssd.data": str(o.data),
+        "rayssd.storage": str(p.storage),
+    }
+    tracker = Tracker.start(
+        uri=tracking_uri(), experiment=o.experiment, run_name=p.name, tags=tags, run_id=p.run_id
+    )
+    if tracker.enabled and not p.resume:
+        info = data.info
+        params = {
+            **C.flatten(cfg),
+            "run.workers": p.workers,
+            "run.gpus_per_worker": p.gpus_per_worker,
+            "data.source": o.data,
+            "data.val_source": o.val_data or f"{o.data} (val split)",
+            "data.train_images": data.num_train,
+            "data.val_images": data.num_val,
+            "data.prepared_samples": data.prepared,
+        }
+        tracker.log_params(params)
+        tracker.log_text(C.to_yaml(cfg), "config.yaml")
+        tracker.log_text(json.dumps(info.to_dict(), indent=2), "dataset.json")
+    return tracker
+
+
+def _write_run_file(
+    p: Plan, cfg: C.Config, run_id: str | None, val_data: str | None, finished: bool = False
+) -> None:
+    directory = p.storage / p.name
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {
+        "name": p.name,
+        "config": C.to_dict(cfg),
+        "mlflow_run_id": run_id,
+        "val_data": val_data,
+        "finished": finished,
+    }
+    (directory / RUN_FILE).write_text(json.dumps(record, indent=2))
+
+
+def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: int):
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train.loop import (
+        LoopSettings,
+        Tracking,
+        check_enough_images,
+        steps_per_epoch,
+        train_loop_per_worker,
+    )
+    from pipelines.train.progress import ProgressPrinter, start_board
+
+    cfg, t = data.cfg, data.cfg.train
+    check_enough_images(data.num_train, p.workers, t.batch_size)
+    clock_name, board_name = f"rayssd-clock-{p.name}", f"rayssd-progress-{p.name}"
+    board = start_board(board_name)  # keep the handle: Ray collects unreferenced actors
+    datasets = {"train": data.train}
+    for rank, part in enumerate(data.val_parts(p.workers)):
+        datasets[f"val_{rank}"] = part
+    settings = LoopSettings(
+        cfg=cfg,
+        dataset={**data.info.to_dict(), "num_train": data.num_train},
+        steps_per_epoch=steps_per_epoch(data.num_train, p.workers, t.batch_size),
+        val_ground_truth=ray.put(data.ground_truth),
+        threads=threads,
+        clock=clock_name,
+        board=board_name,
+        tracking=Tracking(tracker.uri, o.experiment, tracker.run_id) if tracker.enabled else None,
+        stop_after_epochs=o.stop_after_epochs,
+        param_digests=o.param_digests,
+    )
+    resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if p.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"settings": settings},
+        scaling_config=ScalingConfig(
+            num_workers=p.workers,
+            use_gpu=p.gpus_per_worker > 0,
+            resources_per_worker=resources,
+            placement_strategy=o.placement,
+        ),
+        run_config=RunConfig(
+            name=p.name,
+            storage_path=str(p.storage),
+            failure_config=FailureConfig(max_failures=o.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=o.keep_checkpoints or None),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    print(
+        f"training {cfg.name} on {data.num_train} images ({data.num_val} val) with {p.workers} "
+        f"workers x {cpus:g} CPU{f' + {p.gpus_per_worker:g} GPU' if p.gpus_per_worker else ''}; "
+        f"run {p.name} in {p.storage}",
+        flush=True,
+    )
+    from ray.train import TrainingFailedError
+
+    try:
+        with ProgressPrinter(board, quiet=o.quiet):
+            try:
+                result = trainer.fit()
+            except TrainingFailedError as exc:
+                raise TrainRunError(
+                    f"run {p.name} failed (resume with --resume --name {p.name}):\n{exc}"
+                ) from exc
+        state = ray.get(board.state.remote())
+    finally:
+        for actor in (clock, board):
+            ray.kill(actor)
+    return result, state
+
+
+def _kill_named(*names: str) -> None:
+    import ray
+
+    from pipelines.common import ACTOR_NAMESPACE
+
+    for name in names:
+        with contextlib.suppress(ValueError):  # none left over: the usual case
+            ray.kill(ray.get_actor(name, namespace=ACTOR_NAMESPACE))
+
+
+def _finish(o: TrainOptions, p: Plan, cfg: C.Config, result, tracker) -> dict[str, Any]:
+    from pipelines.track.registry import log_model
+    from ssd import checkpoint as ckpt_io
+
+    if result.error is not None:
+        tracker.end("FAILED")
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    metrics = dict(result.metrics or {})
+    final = result.checkpoint
+    out: dict[str, Any] = {"name": p.name, "storage": str(p.storage), "metrics": metrics, "registered": None}
+    if final is not None:
+        with final.as_directory() as directory:
+            state = ckpt_io.load(directory)
+        model_file = ckpt_io.save(ckpt_io.for_inference(state), p.storage / p.name / "model")
+        out["checkpoint"] = str(model_file)
+        out["epochs_done"] = state["epoch"]
+        finished = state["epoch"] >= cfg.train.epochs
+        register_as = (
+            None if (o.register_as or "").lower() == "none" else (o.register_as or f"rayssd-{cfg.name}")
+        )
+        if finished and tracker.enabled:
+            tracker.log_artifact(str(model_file), "checkpoints/final")
+            out["registered"] = log_model(tracker, str(model_file), register_as=register_as)
+    tracker.end("FINISHED")
+    out["mlflow_run_id"] = tracker.run_id if tracker.enabled else None
+    out["mlflow_uri"] = tracker.uri if tracker.enabled else None
+    return out

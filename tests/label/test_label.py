@@ -1,0 +1,230 @@
+"""`rayssd label` on a real local Ray: every readable image gets a row, every bad file is listed,
+the detections are exactly the model's own, and the run lands in a real MLflow server with the
+registered model version it used."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from pycocotools.coco import COCO
+
+from jobs import label
+from pipelines.data.builtin import write_builtin
+from pipelines.data.samples import read_image
+from pipelines.label.batch import decode_batch, label_source, label_table
+from pipelines.label.outputs import LABEL_SCHEMA
+from pipelines.track.models import load_model
+from pipelines.track.registry import log_model
+from pipelines.track.tracker import Tracker
+from ssd.detector import Detector
+from ssd.transforms import eval_transform
+from tests.trained_tiny import BATCH, direct_metrics, train_tiny
+
+pytestmark = pytest.mark.slow
+
+GOOD = 9  # readable images in the folder, 4 of them in a subfolder
+REGISTERED = "rayssd-label-test"
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("builtin")
+    write_builtin(root, seed=0, train_images=64, val_images=16, image_size=160)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(builtin, tmp_path_factory) -> str:
+    return train_tiny(builtin, tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="module")
+def folder(builtin, tmp_path_factory) -> Path:
+    """GOOD images (some in sub/), a truncated JPEG, a text file named .png and a notes.txt."""
+    root = tmp_path_factory.mktemp("folder")
+    (root / "sub").mkdir()
+    sources = sorted((builtin / "val" / "images").glob("*.jpg"))
+    for i, path in enumerate(sources[:GOOD]):
+        shutil.copy(path, root / ("sub" if i % 2 else ".") / path.name)
+    data = sources[GOOD].read_bytes()
+    (root / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (root / "fake.png").write_text("this is not a picture")
+    (root / "notes.txt").write_text("hello")
+    return root
+
+
+def _direct(model_path: str, paths: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """The oracle: each image decoded, resized and detected here, one at a time, on one torch
+    thread with channels-last weights (as in a one-CPU labelling actor); path -> boxes, scores,
+    labels."""
+    loaded = load_model(model_path)
+    detector, size = Detector(loaded.model, loaded.cfg, channels_last=True), loaded.cfg.model.image_size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for path in paths:
+            pixels = read_image(path)
+            resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), size)
+            image = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))[None]
+            (found,) = detector(image, [pixels.shape[:2]])
+            out[path] = {key: value.numpy() for key, value in found.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_label_rows_are_plain_list_columns_whatever_the_detection_counts(builtin):
+    """`decode_batch` then `label_table` on a hand-made batch, no cluster: equal counts (2, 2)
+    stay list columns (Ray would make them a fixed-shape tensor), and labels name categories."""
+    paths = sorted(str(p) for p in (builtin / "val" / "images").glob("*.jpg"))[:3]
+    rows = {"image_id": np.array([7, 8, 9]), "path": np.array(paths, dtype=object)}
+    rows.update(width=np.array([160] * 3), height=np.array([160] * 3))
+    decoded = decode_batch(rows, image_size=128)
+    assert decoded["image"].shape == (3, 3, 128, 128) and decoded["image"].dtype == np.uint8
+    detections = {key: decoded[key] for key in ("image_id", "width", "height")}
+    detections["boxes"] = [np.ones((2, 4), np.float32), np.zeros((0, 4), np.float32), np.ones((2, 4)) * 3]
+    detections["scores"] = [np.array([0.9, 0.5]), np.zeros(0), np.array([0.8, 0.2])]
+    detections["labels"] = [np.array([1, 2]), np.zeros(0, np.int64), np.array([2, 2])]
+    table = label_table(detections, decoded["path"], ["circle", "square"], [11, 40])
+    assert table.schema == LABEL_SCHEMA and table.column("path").to_pylist() == paths
+    assert table.column("boxes").to_pylist() == [[[1.0] * 4] * 2, [], [[3.0] * 4] * 2]
+    assert table.column("category_ids").to_pylist() == [[11, 40], [], [40, 40]]
+    assert table.column("category_names").to_pylist() == [["circle", "square"], [], ["square"] * 2]
+    assert table.column("scores").to_pylist()[0] == pytest.approx([0.9, 0.5])
+
+
+def test_labelling_a_folder_gives_the_models_own_detections_and_lists_bad_files(
+    ray_local, folder, trained, tmp_path
+):
+    out = tmp_path / "out"
+    summary = label_source(str(folder), load_model(trained), str(out), batch_size=1, workers=2)
+
+    table = pq.read_table(out / "labels")  # plain pyarrow: no Ray extension types
+    assert table.schema.remove_metadata() == LABEL_SCHEMA
+    rows = sorted(table.to_pylist(), key=lambda row: row["image_id"])
+    good = sorted(str(p) for p in folder.rglob("*.jpg") if p.name != "cut.jpg")
+    assert sorted(row["path"] for row in rows) == good and len(good) == GOOD
+    assert summary["images"] == GOOD and summary["errors"] == 2 and summary["skipped"] == 1
+
+    errors = {Path(e["path"]).name: e["kind"] for e in json.loads((out / "errors.json").read_text())}
+    assert errors == {"cut.jpg": "truncated", "fake.png": "unreadable", "notes.txt": "not_an_image"}
+
+    expected = _direct(trained, good)
+    assert sum(len(e["scores"]) for e in expected.values()) > GOOD  # not a comparison of empties
+    for row in rows:
+        want = expected[row["path"]]
+        assert np.array_equal(np.array(row["boxes"], np.float32).reshape(-1, 4), want["boxes"]), row["path"]
+        assert np.array_equal(np.array(row["scores"], np.float32), want["scores"]), row["path"]
+        assert row["labels"] == want["labels"].tolist(), row["path"]
+        with Image.open(row["path"]) as image:
+            assert (row["width"], row["height"]) == image.size
+    names = json.loads((out / "images.json").read_text())["categories"]
+    name_of = {c["id"]: c["name"] for c in names}
+    assert all([name_of[c] for c in row["category_ids"]] == row["category_names"] for row in rows)
+
+    coco = COCO(str(out / "images.json"))  # image id -> path, and the model's categories
+    results = coco.loadRes(str(out / "detections.json"))
+    assert len(results.anns) == summary["detections"] == sum(len(row["scores"]) for row in rows)
+    assert {coco.imgs[i]["file_name"] for i in results.getImgIds()} <= set(good)
+    first = max(rows, key=lambda row: len(row["scores"]))
+    best = max(results.loadAnns(results.getAnnIds(imgIds=[first["image_id"]])), key=lambda a: a["score"])
+    x0, y0, x1, y1 = first["boxes"][0]
+    assert best["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=1e-4)
+    assert best["score"] == pytest.approx(first["scores"][0], abs=1e-6)
+    with Image.open(out / "samples.jpg") as grid:
+        assert grid.format == "JPEG" and grid.width > 0
+
+
+def test_evaluate_scores_what_it_labelled_and_overwrite_keeps_other_files(
+    ray_local, builtin, trained, tmp_path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "detections.json").write_text("stale")
+    (out / "mine.txt").write_text("not rayssd's")
+    val = str(builtin / "annotations" / "instances_val.json")
+    with pytest.raises(ValueError, match="--overwrite"):
+        label_source(val, load_model(trained), str(out))
+
+    summary = label_source(
+        val, load_model(trained), str(out), evaluate=True, overwrite=True, batch_size=BATCH, workers=2
+    )
+
+    expected = direct_metrics(trained, builtin)
+    assert summary["images"] == 16 and summary["metrics"]["map50"] > 0
+    for key in ("map", "map50", "map75"):
+        assert summary["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
+    assert (out / "mine.txt").read_text() == "not rayssd's"
+    assert len(json.loads((out / "detections.json").read_text())) == summary["detections"]
+    ids = {im["id"] for im in json.loads(Path(val).read_text())["images"]}
+    assert {im["id"] for im in json.loads((out / "images.json").read_text())["images"]} == ids
+
+
+def test_the_cli_refuses_an_existing_output_and_a_folder_to_evaluate_before_ray_starts(
+    folder, trained, tmp_path, capsys
+):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text("{}")
+    calls = [
+        ("--model", trained, "--input", str(folder), "--out", str(tmp_path / "out")),
+        ("--model", trained, "--input", str(folder), "--out", str(tmp_path / "new"), "--evaluate"),
+    ]
+    for argv, needle in zip(calls, ("--overwrite", "ground truth")):
+        with pytest.raises(SystemExit) as exit_info:
+            label.main(list(argv))
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and errors[0].startswith("label: error: ") and needle in errors[0], errors
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "out" / "summary.json").read_text() == "{}"
+
+
+def test_a_registered_model_by_alias_labels_and_the_run_records_its_version(
+    ray_local, mlflow_server, folder, trained, tmp_path
+):
+    tracker = Tracker.start(uri=mlflow_server, experiment="label-test-training", run_name="register")
+    registered = log_model(tracker, trained, register_as=REGISTERED)
+    tracker.end()
+    assert registered is not None and registered.champion
+    parser = argparse.ArgumentParser()
+    label.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            *("--model", f"models:/{REGISTERED}@champion", "--input", str(folder)),
+            *("--out", str(tmp_path / "out"), "--tracking-uri", mlflow_server, "--workers", "1"),
+            *("--experiment", "label-test", "--run-name", "label-by-alias"),
+        ]
+    )
+    summary = label.run(args)
+
+    assert summary["model"]["version"] == registered.version and summary["images"] == GOOD
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("label-test").experiment_id], "attributes.run_name = 'label-by-alias'"
+    )
+    assert run.info.run_id == summary["mlflow_run"]["run_id"] and run.info.status == "FINISHED"
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (
+        written["mlflow_run"]["run_id"] == run.info.run_id
+        and written["model"]["version"] == registered.version
+    )
+    assert run.data.params["model.version"] == registered.version
+    assert run.data.params["model.name"] == REGISTERED
+    assert run.data.tags["rayssd.model_version"] == f"{REGISTERED}/{registered.version}"
+    assert run.data.metrics["images"] == GOOD and run.data.metrics["errors"] == 2
+    assert run.data.metrics["images_per_s"] > 0
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "label")}
+    assert {"label/samples.jpg", "label/summary.json", "label/errors.json"} <= artifacts
+    version = client.get_model_version(REGISTERED, registered.version)
+    inputs = client.get_run(run.info.run_id).inputs.model_inputs
+    assert [f"models:/{m.model_id}" for m in inputs] == [version.source]

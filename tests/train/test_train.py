@@ -1,0 +1,331 @@
+"""`rayssd train` end to end on a real Ray: DDP across nodes, a killed worker, resume,
+MLflow against a real server, a dead tracking server, and bad input refused before Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import train as train_job
+from pipelines.data.builtin import write_builtin
+from ssd import checkpoint as ckpt_io
+from ssd import config as C
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("builtin")
+    write_builtin(root, seed=0, train_images=128, val_images=24, image_size=160)
+    return {
+        "train": str(root / "annotations" / "instances_train.json"),
+        "val": str(root / "annotations" / "instances_val.json"),
+    }
+
+
+def _argv(
+    builtin, storage: Path, name: str, *extra: str, epochs: int = 2, batch: int = 8, val: str = "val"
+) -> list[str]:
+    return [
+        "--data", builtin["train"], "--val-data", builtin[val],
+        "--storage", str(storage), "--name", name, "--quiet",
+        "--set", f"train.epochs={epochs}", "--set", f"train.batch_size={batch}",
+        "--set", "train.warmup_epochs=0",
+        *extra,
+    ]  # fmt: skip
+
+
+def _parse(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train_job.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _train(argv: list[str]) -> dict:
+    return train_job.run(_parse(argv))
+
+
+def _metric_steps(uri: str, run_id: str, key: str = "loss") -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+# --- refused before Ray starts ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--set", "train.lr=-0.1"], "train.lr"),
+        (["--workers", "64"], "train.num_workers=64 needs 64 CPUs"),
+        (["--set", "train.eval_every=0"], "train.eval_every"),
+        (["--resume"], "no run 'r' to resume"),
+        (["--storage", "s3://bucket/runs"], "object-store URIs are not supported yet"),
+    ],
+)
+def test_bad_values_are_refused_by_the_plan_naming_the_field(builtin, tmp_path, extra, expected):
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
+        train_job.plan(_parse(_argv(builtin, tmp_path, "r", *extra)))
+
+
+def test_cli_refuses_bad_input_in_one_line_before_starting_ray(builtin, tmp_path):
+    cases = {
+        "train.lr": ["--set", "train.lr=-1"],
+        "invalid choice: 'nope'": ["--preset", "nope"],
+        "needs 64 CPUs": ["--workers", "64"],
+        "does not exist": ["--data", str(tmp_path / "missing.json")],
+    }
+    for expected, extra in cases.items():
+        argv = [sys.executable, "-m", "jobs.train", *_argv(builtin, tmp_path / "runs", "bad"), *extra]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ})
+        assert out.returncode == 2, (extra, out.stderr)
+        assert expected in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert "Ray" not in out.stdout + out.stderr.replace("rayssd", "")  # no Ray start-up lines
+    assert not (tmp_path / "runs").exists()
+
+
+# --- one shared local Ray ----------------------------------------------------------------------
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_warns(
+    ray_local, builtin, tmp_path, monkeypatch, dead_tracking_uri, caplog
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_tracking_uri)
+    first = _train(_argv(builtin, tmp_path, "run", "--stop-after-epochs", "1", "--workers", "1", epochs=2))
+    assert first["epochs_done"] == 1 and [m["epoch"] for m in first["history"]] == [1.0]
+    assert first["registered"] is None and first["mlflow_run_id"] is None
+    assert any("without tracking" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="was started with --val-data"):
+        train_job.plan(
+            _parse(["--resume", *_argv(builtin, tmp_path, "run")[:2], *_argv(builtin, tmp_path, "run")[4:8]])
+        )
+
+    resumed = _train(["--resume", *_argv(builtin, tmp_path, "run")[:8], "--quiet"])
+    assert resumed["epochs_done"] == 2 and [m["epoch"] for m in resumed["history"]] == [2.0]
+    final = ckpt_io.load(resumed["checkpoint"])
+    expected_cfg = C.from_dict(json.loads((tmp_path / "run" / train_job.RUN_FILE).read_text())["config"])
+    assert ckpt_io.config_of(final) == expected_cfg and expected_cfg.train.epochs == 2
+    assert final["step"] == 2 * (128 // 8)  # one worker, both epochs' steps, none repeated or lost
+    assert resumed["workers"].keys() == {"0"}
+    assert "map" in resumed["metrics"]  # evaluated at the end
+    with pytest.raises(ValueError, match="finished all 2 epochs"):
+        train_job.plan(_parse(["--resume", *_argv(builtin, tmp_path, "run")[:8]]))
+
+
+def test_without_augmentation_the_samples_are_prepared_once_and_the_images_not_read_again(
+    ray_local, builtin, tmp_path, monkeypatch
+):
+    import shutil
+
+    import ray
+
+    from pipelines.common import ACTOR_NAMESPACE
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    source = Path(builtin["train"]).parents[1]
+    copy = tmp_path / "data"
+    shutil.copytree(source, copy)
+    data = {split: str(copy / "annotations" / f"instances_{split}.json") for split in ("train", "val")}
+    argv = _argv(data, tmp_path, "cached", "--workers", "1", "--register-as", "none")
+    argv += ["--set", "data.augment=false"]
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=_train(argv)), daemon=True)
+    thread.start()
+    moved = False
+    deadline = time.monotonic() + 240
+    while not moved and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.1)
+        try:
+            board = ray.get_actor("rayssd-progress-cached", namespace=ACTOR_NAMESPACE)
+            snap = ray.get(board.state.remote())["snapshot"]
+        except ValueError:
+            continue
+        if snap.get("phase") == "train":  # the samples are prepared: the images may go
+            for split in ("train", "val"):
+                (copy / split / "images").rename(copy / split / "gone")
+            moved = True
+    assert moved, "never saw training start"
+    thread.join(timeout=300)
+    result = outcome["result"]
+    assert result["samples_cached"] is True
+    assert result["epochs_done"] == 2 and [m["epoch"] for m in result["history"]] == [1.0, 2.0]
+    assert "map" in result["metrics"]  # the val split was evaluated from its cached samples too
+    assert not (copy / "train" / "images").exists()
+
+    again = _train(_argv(builtin, tmp_path, "augmented", "--workers", "1", "--register-as", "none", epochs=1))
+    assert again["samples_cached"] is False  # augmentation draws new samples every epoch
+
+
+def test_training_reads_prepare_output_without_the_images_and_refuses_another_preset(
+    ray_local, builtin, tmp_path, monkeypatch
+):
+    import shutil
+
+    from pipelines.data.prepare import prepare
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    source = Path(builtin["train"]).parents[1]
+    copy = tmp_path / "data"
+    shutil.copytree(source, copy)
+    out = tmp_path / "prepared"
+    prepare(
+        str(copy / "annotations" / "instances_train.json"), out, C.preset("tiny"), splits=("train", "val")
+    )
+    for split in ("train", "val"):
+        shutil.rmtree(copy / split)  # nothing but the prepared samples is left to read
+    argv = [
+        "--data",
+        str(out),
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "from-prepared",
+        "--quiet",
+        "--workers",
+        "1",
+    ]
+    argv += ["--set", "train.epochs=1", "--set", "train.batch_size=8", "--register-as", "none"]
+    result = _train(argv)  # the preset's data.augment=true is turned off: prepared samples are fixed
+    assert result["samples_cached"] is True and result["epochs_done"] == 1
+    assert "map" in result["metrics"]  # the val split was evaluated from its prepared samples
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert ckpt_io.load(result["checkpoint"])["dataset"]["num_train"] == manifest["splits"]["train"]["rows"]
+    assert not (tmp_path / "samples").exists()  # read as given, not prepared again
+
+    with pytest.raises(ValueError, match=r"prepared for preset tiny .* needs preset ssdlite320"):
+        train_job.plan(_parse([*argv[:4], "--name", "other", "--preset", "ssdlite320"]))
+
+
+def test_an_empty_val_split_is_refused_before_training(ray_local, builtin, tmp_path):
+    argv = [a for a in _argv(builtin, tmp_path, "empty-val") if a not in ("--val-data", builtin["val"])]
+    with pytest.raises(ValueError, match=r"no usable image left in .* \(split 'val'\)"):  # read_dataset's
+        _train([*argv, "--set", "data.val_fraction=0.001"])
+
+
+def test_a_killed_worker_is_replaced_and_every_epoch_is_reported_once(
+    ray_local, builtin, tmp_path, monkeypatch
+):
+    import ray
+
+    from pipelines.common import ACTOR_NAMESPACE
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    argv = _argv(builtin, tmp_path, "ft", "--max-failures", "2", "--register-as", "none", epochs=3, batch=2)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=_train(argv)), daemon=True)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.2)
+        try:
+            board = ray.get_actor("rayssd-progress-ft", namespace=ACTOR_NAMESPACE)
+            state = ray.get(board.state.remote())
+        except ValueError:
+            continue
+        snap = state["snapshot"]
+        if snap.get("phase") == "train" and snap.get("epoch") == 2:  # epoch 2 not reported yet
+            killed = state["workers"][1]["pid"]
+            os.kill(killed, signal.SIGKILL)  # rank 1, mid-epoch 2
+    assert killed is not None, "never saw epoch 2 in progress"
+    thread.join(timeout=400)
+    result = outcome["result"]
+    assert [m["epoch"] for m in result["history"]] == [1.0, 2.0, 3.0]
+    assert result["epochs_done"] == 3
+    assert int(result["workers"]["1"]["pid"]) != killed  # a new rank 1
+    assert int(result["workers"]["1"]["start_epoch"]) == 1  # it restored from epoch 1's checkpoint
+    assert _metric_steps(uri, result["mlflow_run_id"]) == [1, 2, 3]
+
+
+# --- MLflow against a real server -------------------------------------------------------------------
+
+
+def test_mlflow_holds_params_metrics_pictures_and_the_champion(
+    ray_local, builtin, tmp_path, monkeypatch, mlflow_server
+):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    name = "rayssd-test-champion"
+    tracked = ("--register-as", name, "--experiment", "train-test")
+    good = _train(
+        # mAP on the training images: learnt within seconds, so "better" is unambiguous
+        _argv(builtin, tmp_path, "good", *tracked, "--set", "train.eval_every=3", epochs=3, val="train")
+    )
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(good["mlflow_run_id"])
+    assert run.data.params["train.epochs"] == "3" and run.data.params["model.backbone"] == "tiny"
+    assert _metric_steps(mlflow_server, run.info.run_id) == [1, 2, 3]
+    assert _metric_steps(mlflow_server, run.info.run_id, "map") == [3]
+    artifacts = _artifact_paths(client, run.info.run_id)
+    for expected in (
+        "config.yaml",
+        "dataset.json",
+        "pictures/val_epoch_003.png",
+        "pictures/precision_recall.png",
+        "checkpoints/best/checkpoint.pt",
+        "checkpoints/final/checkpoint.pt",
+    ):
+        assert expected in artifacts, artifacts
+    assert good["metrics"]["map"] > 0
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == good["registered"].version == "1" and good["registered"].champion
+
+    worse = _train(
+        _argv(builtin, tmp_path, "worse", *tracked, "--set", "train.lr=1e-9", epochs=1, val="train")
+    )
+    assert worse["metrics"]["map"] < good["metrics"]["map"]
+    assert worse["registered"].version == "2" and not worse["registered"].champion
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+
+
+def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+# --- two nodes -------------------------------------------------------------------------------------
+
+
+def test_two_workers_on_two_nodes_stay_identical_and_learn(builtin, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2}, connect=False)
+    try:
+        cluster.add_node(num_cpus=2)
+        summary = tmp_path / "summary.json"
+        argv = [
+            sys.executable, "-m", "jobs.train",
+            *_argv(builtin, tmp_path, "mn", "--address", cluster.address, "--placement", "STRICT_SPREAD",
+                   "--cpus-per-worker", "1", "--register-as", "none", "--summary-json", str(summary),
+                   "--param-digests",
+                   epochs=3),
+        ]  # fmt: skip
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        cluster.shutdown()
+    result = json.loads(summary.read_text())
+    nodes = {w["node_id"] for w in result["workers"].values()}
+    assert len(result["workers"]) == 2 and len(nodes) == 2  # one rank per node
+    assert sorted(result["param_digests"]) == ["1", "2", "3"]  # every epoch, from both ranks
+    for epoch, digests in result["param_digests"].items():
+        assert len(set(digests.values())) == 1 and len(digests) == 2, (epoch, digests)
+    losses = [m["loss"] for m in result["history"]]
+    assert losses[-1] < losses[0], losses
