@@ -295,14 +295,18 @@ class PreparedSamples:
         return wanted
 
     def dataset(self, split: str, *, targets: bool = True) -> Any:
-        """The split's samples as a `ray.data.Dataset`; `targets=False` reads the network
+        """The split's samples as a lazy `ray.data.Dataset`; `targets=False` reads the network
         inputs only (evaluation: no matching targets are read)."""
         import ray
 
         from pipelines.data.samples import INPUT_COLUMNS, TARGET_COLUMNS
 
         columns = list(INPUT_COLUMNS) + (list(TARGET_COLUMNS) if targets else [])
-        return ray.data.read_parquet(str(self.root / split)).select_columns(columns)
+        files = int(self.manifest["splits"][split]["files"])
+        # One block per file, as `prepare` wrote them (blocks of the source's rows): the same
+        # blocks, so the same shards and batches, as a run that preprocesses the source.
+        ds = ray.data.read_parquet(str(self.root / split), override_num_blocks=files)
+        return ds.select_columns(columns)
 
     def ground_truth(self, split: str) -> dict:
         """The split's COCO-format ground truth (`coco_ground_truth`), from the samples' own

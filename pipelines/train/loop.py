@@ -170,7 +170,11 @@ def _train_epoch(w: _Worker, shard: Any, epoch: int) -> dict[str, float]:
     sums = dict.fromkeys(("loss", "cls", "loc", "num_pos", "images", "steps", "wait_s", "seconds"), 0.0)
     start = waited_from = time.perf_counter()
     batches = shard.iter_torch_batches(
-        batch_size=t.batch_size, drop_last=True, device=w.device, pin_memory=cuda, prefetch_batches=2
+        batch_size=t.batch_size,
+        drop_last=True,
+        device=w.device,
+        pin_memory=cuda,
+        prefetch_batches=2,
     )
     for in_epoch, batch in enumerate(batches, start=1):
         sums["wait_s"] += time.perf_counter() - waited_from

@@ -124,19 +124,24 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_wa
         train_job.plan(_parse(["--resume", *_argv(builtin, tmp_path, "run")[:8]]))
 
 
+def _private_copy(builtin, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the built-in set whose images the test may take away, and its own MLflow store."""
+    import shutil
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    copy = tmp_path / "data"
+    shutil.copytree(Path(builtin["train"]).parents[1], copy)
+    return copy
+
+
 def test_without_augmentation_the_samples_are_prepared_once_and_the_images_not_read_again(
     ray_local, builtin, tmp_path, monkeypatch
 ):
-    import shutil
-
     import ray
 
     from pipelines.common import ACTOR_NAMESPACE
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    source = Path(builtin["train"]).parents[1]
-    copy = tmp_path / "data"
-    shutil.copytree(source, copy)
+    copy = _private_copy(builtin, tmp_path, monkeypatch)
     data = {split: str(copy / "annotations" / f"instances_{split}.json") for split in ("train", "val")}
     argv = _argv(data, tmp_path, "cached", "--workers", "1", "--register-as", "none")
     argv += ["--set", "data.augment=false"]
@@ -175,10 +180,7 @@ def test_training_reads_prepare_output_without_the_images_and_refuses_another_pr
 
     from pipelines.data.prepare import prepare
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    source = Path(builtin["train"]).parents[1]
-    copy = tmp_path / "data"
-    shutil.copytree(source, copy)
+    copy = _private_copy(builtin, tmp_path, monkeypatch)
     out = tmp_path / "prepared"
     prepare(
         str(copy / "annotations" / "instances_train.json"), out, C.preset("tiny"), splits=("train", "val")
