@@ -49,13 +49,6 @@ def class_target_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max else np.dtype(np.int32)
 
 
-def sample_bytes(cfg: C.Config) -> int:
-    """Bytes of one prepared sample: the uint8 image and the targets of every default box."""
-    size, num_boxes = cfg.model.image_size, len(default_boxes(cfg))
-    cls_bytes = np.dtype(class_target_dtype(cfg.model.num_classes)).itemsize
-    return 3 * size * size + num_boxes * (cls_bytes + 4 * 4) + 64
-
-
 class SamplePreprocessor:
     """Ray Data callable class: a batch of source rows → a batch of samples.
 
