@@ -78,7 +78,7 @@ class TrainStep:
         )
         if not torch.isfinite(losses["loss"]):
             raise FloatingPointError(
-                f"non-finite loss ({float(losses['loss'])}) at step {self.step + 1}: "
+                f"non-finite loss ({float(losses['loss'].detach())}) at step {self.step + 1}: "
                 "lower train.lr or set train.grad_clip_norm"
             )
         self.optimizer.zero_grad(set_to_none=True)
