@@ -40,10 +40,8 @@ from pipelines.data.sources import (
     SourceTable,
     detect_source,
     open_source,
-    probe_source,
     read_coco,
     read_folder,
-    resolve_location,
 )
 from pipelines.data.validation import (
     BOX_KINDS,
@@ -172,7 +170,7 @@ def read_dataset(
         image_root: COCO only: the folder ``file_name`` is relative to (default: found next to
             the JSON file).
     """
-    probe = path if isinstance(path, Probe) else probe_source(resolve_location(path))
+    probe = open_source(path)
     location = probe.location
     names = _check_arguments(probe.kind, split, val_fraction, class_names, image_root)
     report = IngestReport(source=location.uri, kind=probe.kind, split=split, strict=strict)

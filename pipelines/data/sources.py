@@ -155,10 +155,11 @@ class Probe:
         return self._coco_index
 
 
-def open_source(path: str | os.PathLike) -> Probe:
+def open_source(path: str | os.PathLike | Probe) -> Probe:
     """Find out what `path` is (parsing a COCO file once); ValueError naming what was found
-    when it is no source. Pass the probe on to `read_dataset` instead of the path."""
-    return probe_source(resolve_location(path))
+    when it is no source. Pass the probe on to `read_dataset` instead of the path; a probe
+    given here is returned as it is."""
+    return path if isinstance(path, Probe) else probe_source(resolve_location(path))
 
 
 def detect_source(path: str | os.PathLike) -> str:

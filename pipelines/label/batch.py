@@ -328,17 +328,13 @@ def require_labelled_source(source: str | Probe) -> Probe:
     """The `Probe` of `source` (its kind: "coco" or "voc"; pass it on so the source is parsed
     once); ValueError for an unusable source or a folder of unlabelled images, which has no
     ground truth to score against."""
-    probe = source if isinstance(source, Probe) else open_source(source)
+    probe = open_source(source)
     if probe.kind == "folder":
         raise ValueError(
             f"{probe.location.uri} is a folder of unlabelled images; evaluation needs ground truth "
             "(a COCO annotation file or a Pascal VOC root)"
         )
     return probe
-
-
-def _probe(source: str | Probe) -> Probe:
-    return source if isinstance(source, Probe) else open_source(source)
 
 
 def _evaluator(ds: ray.data.Dataset, info: DatasetInfo, model: LoadedModel, source: str) -> CocoEvaluator:
@@ -450,7 +446,7 @@ def label_source(
 
     start = time.perf_counter()
     location = outputs.check_output(out, overwrite=overwrite)
-    probe = require_labelled_source(source) if evaluate else _probe(source)
+    probe = require_labelled_source(source) if evaluate else open_source(source)
     outputs.clear_outputs(location)
     ds, info, report = read_dataset(probe, strict=strict, report_dir=location.uri)
     errors = outputs.image_errors(report) + outputs.skipped_files(info)

@@ -185,8 +185,8 @@ def run(p: Plan) -> dict[str, Any]:
 
     start_ray(o.address)
     cpus, data_cpus, threads = _cpu_split(p, ray.cluster_resources())
-    clock_name = f"rayssd-clock-{p.name}"
-    _kill_named(clock_name, f"rayssd-progress-{p.name}")  # left by an earlier, interrupted session
+    clock_name, board_name = _actor_names(p)
+    _kill_named(clock_name, board_name)  # left by an earlier, interrupted session
     clock = start_epoch_clock(clock_name)  # keep the handle: Ray collects unreferenced actors
     try:
         data = training_data(
@@ -305,7 +305,7 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
 
     cfg, t = data.cfg, data.cfg.train
     check_enough_images(data.num_train, p.workers, t.batch_size)
-    clock_name, board_name = f"rayssd-clock-{p.name}", f"rayssd-progress-{p.name}"
+    clock_name, board_name = _actor_names(p)
     board = start_board(board_name)  # keep the handle: Ray collects unreferenced actors
     datasets = {"train": data.train}
     for rank, part in enumerate(data.val_parts(p.workers)):
@@ -362,6 +362,11 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
         for actor in (clock, board):
             ray.kill(actor)
     return result, state
+
+
+def _actor_names(p: Plan) -> tuple[str, str]:
+    """The run's epoch clock and progress board actors."""
+    return f"rayssd-clock-{p.name}", f"rayssd-progress-{p.name}"
 
 
 def _kill_named(*names: str) -> None:
