@@ -7,11 +7,11 @@ On a local Ray (or $RAY_ADDRESS) and the local MLflow store ($MLFLOW_TRACKING_UR
 sqlite:///mlflow.db in the working directory) it:
 
 1. writes the built-in dataset into DIR/data (reused when already there),
-2. trains `tiny` with Ray Train on 2 DDP workers (`jobs.train`): Ray Data prepares the
+2. trains `tiny` with Ray Train on 2 DDP workers (`pipelines.train.launch`): Ray Data prepares the
    samples once, each epoch is checkpointed, the val split is evaluated at the end, and the
    model is registered in MLflow as `rayssd-quickstart`,
-3. labels the val split with the new model version on Ray Data (`jobs.label --evaluate`),
-4. serves that version with Ray Serve (`jobs.serve`) and sends it one real request,
+3. labels the val split with the new model version on Ray Data (`pipelines.label.launch`),
+4. serves that version with Ray Serve (`pipelines.serve.launch`) and sends it one real request,
 5. prints a summary (mAP, speeds, where everything is, how to look at it) and stops Ray.
 
 Every run gets its own name (quickstart-YYYYmmdd-HHMMSS), so re-running is safe: the data
@@ -22,6 +22,7 @@ better model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -97,12 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parse(job: Any, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"rayssd {job.__name__.rsplit('.', 1)[-1]}")
-    job.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def _free_port(host: str, wanted: int) -> int:
     with socket.socket() as s:
         try:
@@ -140,26 +135,53 @@ class _Stages:
         return time.perf_counter() - self.start
 
 
+@dataclasses.dataclass(frozen=True)
+class QuickstartOptions:
+    """What `rayssd quickstart` was asked for."""
+
+    out: str = "rayssd-quickstart"
+    quick: bool = False
+    port: int = 8000  # else a free one
+    keep_serving_s: float = 0.0
+    address: str | None = None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    return quickstart(
+        QuickstartOptions(
+            out=args.out,
+            quick=args.quick,
+            port=args.port,
+            keep_serving_s=args.keep_serving,
+            address=args.address,
+        )
+    )
+
+
+def quickstart(o: QuickstartOptions) -> dict[str, Any]:
+    """The four stages in order (module docstring); returns the summary it prints and writes."""
     import ray
 
-    from jobs import label as label_job
-    from jobs import train as train_job
     from pipelines.common import quiet_ray_data
     from pipelines.data.builtin import write_builtin
+    from pipelines.label.launch import LabelOptions, label
     from pipelines.track.tracker import tracking_uri
+    from pipelines.train.launch import TrainOptions
+    from pipelines.train.launch import plan as plan_training
+    from pipelines.train.launch import run as run_training
+    from ssd import config as C
 
-    if args.keep_serving < 0:
+    if o.keep_serving_s < 0:
         raise ValueError("--keep-serving must be >= 0 seconds")
-    size = QUICK if args.quick else FULL
-    out = Path(args.out).expanduser().resolve()
+    size = QUICK if o.quick else FULL
+    out = Path(o.out).expanduser().resolve()
     name = time.strftime("quickstart-%Y%m%d-%H%M%S")
     uri = tracking_uri()
     stages = _Stages(4)
-    print(f"rayssd quickstart{' --quick' if args.quick else ''}: run {name} in {out}; MLflow at {uri}")
+    print(f"rayssd quickstart{' --quick' if o.quick else ''}: run {name} in {out}; MLflow at {uri}")
 
     stages.begin("data", f"built-in dataset: {size['train_images']} train + {size['val_images']} val images")
-    data_dir = out / ("data-quick" if args.quick else "data")
+    data_dir = out / ("data-quick" if o.quick else "data")
     written = write_builtin(
         data_dir, seed=0, train_images=size["train_images"], val_images=size["val_images"]
     )
@@ -170,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(
-            address=args.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+            address=o.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
         )
     try:
         stages.begin(
@@ -178,10 +200,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         epochs = size["epochs"]
         settings = [*SETTINGS, f"train.epochs={epochs}", f"train.eval_every={epochs}"]  # later ones win
-        argv = ["--data", train_json, "--val-data", val_json, "--preset", "tiny", "--workers", str(WORKERS)]
-        argv += ["--storage", str(out / "runs"), "--name", name, "--register-as", REGISTERED_NAME]
-        argv += [a for s in settings for a in ("--set", s)]
-        trained = train_job.run(_parse(train_job, argv))
+        trained = run_training(
+            plan_training(
+                TrainOptions(
+                    data=train_json,
+                    val_data=val_json,
+                    cfg=C.override(C.preset("tiny"), settings),
+                    config_given=True,
+                    workers=WORKERS,
+                    storage=str(out / "runs"),
+                    name=name,
+                    register_as=REGISTERED_NAME,
+                )
+            )
+        )
         registered = trained["registered"]
         if registered is None:
             raise QuickstartError(f"the model was not registered in MLflow at {uri}; see the warnings above")
@@ -189,15 +221,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         stages.begin("label", f"label the val split with {model_uri} on Ray Data")
         labels_dir = out / "labels" / name
-        argv = ["--model", model_uri, "--input", val_json, "--out", str(labels_dir), "--evaluate"]
-        argv += ["--run-name", f"label-{name}"]
-        labelled = label_job.run(_parse(label_job, argv))
+        labelled = label(
+            LabelOptions(
+                model=model_uri, input=val_json, out=str(labels_dir), evaluate=True, run_name=f"label-{name}"
+            )
+        )
 
         stages.begin("serve", f"serve {model_uri} with Ray Serve and send it a request")
-        served = _serve_and_ask(args, model_uri, data_dir)
+        served = _serve_and_ask(o, model_uri, data_dir)
 
         stages.end()
-        summary = _summary(args, name, out, uri, trained, model_uri, labelled, labels_dir, served, stages)
+        summary = _summary(o, name, out, uri, trained, model_uri, labelled, labels_dir, served, stages)
         print()
         _print_summary(summary)
         (out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -207,24 +241,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ray.shutdown()
 
 
-def _serve_and_ask(args: argparse.Namespace, model_uri: str, data_dir: Path) -> dict[str, Any]:
-    """Start `jobs.serve` in a thread, POST one val image, stop it; the answer and timings."""
-    from jobs import serve as serve_job
+def _serve_and_ask(o: QuickstartOptions, model_uri: str, data_dir: Path) -> dict[str, Any]:
+    """Serve `model_uri` in a thread, POST one val image, stop it; the answer and timings."""
     from pipelines.serve.deployments import wait_until_healthy
+    from pipelines.serve.launch import ServeOptions, serve
 
     host = "127.0.0.1"
-    port = _free_port(host, args.port)
-    argv = ["--model", model_uri, "--host", host, "--port", str(port), "--metrics-every", "5"]
+    port = _free_port(host, o.port)
+    options = ServeOptions(model=model_uri, host=host, port=port, metrics_every_s=5.0)
     stop = threading.Event()
     outcome: dict[str, Any] = {}
 
-    def serve() -> None:
+    def serving() -> None:
         try:
-            outcome["result"] = serve_job.run(_parse(serve_job, argv), stop=stop)
+            outcome["result"] = serve(options, stop=stop)
         except BaseException as exc:  # reported by the caller
             outcome["error"] = exc
 
-    thread = threading.Thread(target=serve, name="rayssd-serve", daemon=True)
+    thread = threading.Thread(target=serving, name="rayssd-serve", daemon=True)
     thread.start()
     url = f"http://{host}:{port}"
     try:
@@ -245,9 +279,9 @@ def _serve_and_ask(args: argparse.Namespace, model_uri: str, data_dir: Path) -> 
             f"      POST {url}/detect ({image.name}): {len(answer['scores'])} detections "
             f"in {latency_ms:.0f} ms: {found}"
         )
-        if args.keep_serving:
-            print(f"      serving {url} for {args.keep_serving:g} s more (try {url}/docs)", flush=True)
-            stop.wait(args.keep_serving)
+        if o.keep_serving_s:
+            print(f"      serving {url} for {o.keep_serving_s:g} s more (try {url}/docs)", flush=True)
+            stop.wait(o.keep_serving_s)
     finally:
         stop.set()
         thread.join(timeout=120)
@@ -280,17 +314,17 @@ def _wait_healthy(
 
 
 def _summary(
-    args, name, out, uri, trained, model_uri, labelled, labels_dir, served, stages
+    o: QuickstartOptions, name, out, uri, trained, model_uri, labelled, labels_dir, served, stages
 ) -> dict[str, Any]:
     metrics, history = trained["metrics"], trained.get("history") or []
     return {
         "run": name,
-        "quick": bool(args.quick),
+        "quick": o.quick,
         "seconds": stages.elapsed(),
         "stage_seconds": stages.times,
         "map50": metrics.get("map50"),
         "map": metrics.get("map"),
-        "map50_goal": None if args.quick else MAP50_GOAL,
+        "map50_goal": None if o.quick else MAP50_GOAL,
         "train_images_per_s": history[-1]["images_per_s"] if history else None,  # all workers
         "model_uri": model_uri,
         "champion": trained["registered"].champion,

@@ -4,7 +4,6 @@ registered model version it used."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +20,8 @@ from jobs import label
 from pipelines.data.builtin import write_builtin
 from pipelines.data.samples import read_image
 from pipelines.label.batch import decode_batch, label_source, label_table
+from pipelines.label.launch import LabelOptions
+from pipelines.label.launch import label as launch_label
 from pipelines.label.outputs import LABEL_SCHEMA
 from pipelines.track.models import load_model
 from pipelines.track.registry import log_model
@@ -196,16 +197,16 @@ def test_a_registered_model_by_alias_labels_and_the_run_records_its_version(
     registered = log_model(tracker, trained, register_as=REGISTERED)
     tracker.end()
     assert registered is not None and registered.champion
-    parser = argparse.ArgumentParser()
-    label.add_arguments(parser)
-    args = parser.parse_args(
-        [
-            *("--model", f"models:/{REGISTERED}@champion", "--input", str(folder)),
-            *("--out", str(tmp_path / "out"), "--tracking-uri", mlflow_server, "--workers", "1"),
-            *("--experiment", "label-test", "--run-name", "label-by-alias"),
-        ]
+    options = LabelOptions(  # the stage, called as `rayssd label` calls it, without argparse
+        model=f"models:/{REGISTERED}@champion",
+        input=str(folder),
+        out=str(tmp_path / "out"),
+        tracking_uri=mlflow_server,
+        workers=1,
+        experiment="label-test",
+        run_name="label-by-alias",
     )
-    summary = label.run(args)
+    summary = launch_label(options)
 
     assert summary["model"]["version"] == registered.version and summary["images"] == GOOD
     client = MlflowClient(tracking_uri=mlflow_server)
