@@ -52,10 +52,11 @@ def head():
         yield url, client_env
     finally:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
+        try:  # `ray start --block` stops its processes gracefully on SIGTERM, which takes ~30 s
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
         if mode_before is None and os.environ.pop("RAY_AUTH_MODE", None) is not None:
             import ray._raylet  # later tests see Ray configured as before this module
 

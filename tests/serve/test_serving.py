@@ -256,32 +256,61 @@ def _batch_sizes(url: str) -> dict[int, int]:
     return {int(k): v for k, v in requests.get(f"{url}/stats", timeout=30).json()["batch_sizes"].items()}
 
 
-@pytest.mark.slow
-def test_concurrent_requests_are_batched_and_still_exact(server, model_file):
-    before = _batch_sizes(server.url)
-    images = [IMAGES["jpeg"], IMAGES["png"]] * 8  # 16 concurrent clients
+def _concurrently(url: str, images: list[tuple[bytes, str]]) -> tuple[list, dict[int, int]]:
+    """POST `images` from one client each, released together; the responses and the detector
+    batches (size: count) the replicas reported for them."""
+    before = _batch_sizes(url)
     barrier = threading.Barrier(len(images))
 
     def send(item):
         barrier.wait()
-        return _detect(server.url, *item, params=QUERY)
+        return _detect(url, *item, params=QUERY)
 
     with ThreadPoolExecutor(len(images)) as pool:
         responses = list(pool.map(send, images))
-    assert [r.status_code for r in responses] == [200] * len(images)
-    expected = {t: _direct(model_file, d, 0.05, 20) for d, t in (IMAGES["jpeg"], IMAGES["png"])}
-    for (_, content_type), response in zip(images, responses):
-        _assert_equal_to_direct(response.json(), expected[content_type])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # replicas report every PUSH_INTERVAL_S
-        after = _batch_sizes(server.url)
+        after = _batch_sizes(url)
         new = {size: after.get(size, 0) - before.get(size, 0) for size in after}
         if sum(size * n for size, n in new.items()) >= len(images):
             break
         time.sleep(0.5)
     assert sum(size * n for size, n in new.items()) >= len(images), new
-    assert max(size for size, n in new.items() if n > 0) > 1, new  # batched, not one by one
-    assert max(new) <= BATCH
+    return responses, {size: n for size, n in new.items() if n > 0}
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_and_still_exact(server, model_file):
+    images = [IMAGES["jpeg"], IMAGES["png"]] * 8  # 16 concurrent clients
+    responses, batches = _concurrently(server.url, images)
+    assert [r.status_code for r in responses] == [200] * len(images)
+    expected = {t: _direct(model_file, d, 0.05, 20) for d, t in (IMAGES["jpeg"], IMAGES["png"])}
+    for (_, content_type), response in zip(images, responses):
+        _assert_equal_to_direct(response.json(), expected[content_type])
+    assert max(batches) > 1, batches  # batched, not one by one
+    assert max(batches) <= BATCH
+
+
+@pytest.mark.slow
+def test_the_ingress_retunes_its_batches_from_a_new_user_config(server):
+    """Serve hands a changed ``user_config`` to the live ingress replicas' `reconfigure` (a
+    config file or RayService edit does that without a restart); here the same call reaches
+    the running replica through its handle. Its next batches follow the new limit."""
+    from ray import serve
+
+    from pipelines.serve.deployments import APP_NAME
+
+    ingress = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
+    ingress.reconfigure.remote({"max_batch_size": 1, "batch_wait_timeout_s": 0.0}).result()
+    try:
+        responses, batches = _concurrently(server.url, [IMAGES["jpeg"]] * 8)
+        assert [r.status_code for r in responses] == [200] * 8
+        assert batches == {1: 8}, batches  # one image per detector call
+    finally:
+        ingress.reconfigure.remote({"max_batch_size": BATCH, "batch_wait_timeout_s": 0.05}).result()
+    responses, batches = _concurrently(server.url, [IMAGES["jpeg"]] * 8)
+    assert max(batches) > 1, batches  # back to the deployed limit
+    assert max(batches) <= BATCH
 
 
 def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary") -> bytes:
