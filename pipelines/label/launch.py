@@ -99,7 +99,7 @@ def label(o: LabelOptions) -> dict[str, Any]:
     cpus = o.cpus_per_worker or detector_cpus(cluster.get("CPU", 0.0), workers)
     _check_fits(cluster, cpus, gpus)
     tracker = _start_tracking(o, model, workers, cpus, gpus)
-    print(f"labelling {o.input} with {model_label(model)} into {o.out}", flush=True)
+    print(f"labelling {o.input} with {model.label} into {o.out}", flush=True)
     try:
         summary = label_source(
             probe,
@@ -142,21 +142,12 @@ def _check_fits(cluster: dict[str, float], cpus: float, gpus: float) -> None:
         )
 
 
-def model_label(model: Any) -> str:
-    """How a loaded model is named in messages: NAME vVERSION, NAME, or its URI."""
-    if model.name:
-        return f"{model.name} v{model.version}" if model.version else model.name
-    return model.uri
-
-
 def _start_tracking(o: LabelOptions, model: Any, workers: int, cpus: float, gpus: float) -> Any:
     from pipelines.track.tracker import Tracker, tracking_uri
 
     if not o.tracking:
         return Tracker.disabled()
-    tags = {"rayssd.job": "label", "rayssd.model_uri": model.uri, "rayssd.input": o.input}
-    if model.version:
-        tags["rayssd.model_version"] = f"{model.name}/{model.version}"
+    tags = {**model.lineage_tags("label"), "rayssd.input": o.input}
     tracker = Tracker.start(
         uri=tracking_uri(o.tracking_uri),
         experiment=o.experiment,
@@ -165,11 +156,7 @@ def _start_tracking(o: LabelOptions, model: Any, workers: int, cpus: float, gpus
     )
     tracker.log_params(
         {
-            "model.uri": model.uri,
-            "model.name": model.name,
-            "model.version": model.version,
-            "model.run_id": model.run_id,
-            "model.config": model.cfg.name,
+            **model.lineage_params(),
             "input": o.input,
             "out": o.out,
             "batch_size": o.batch_size,
@@ -264,7 +251,7 @@ def evaluate(o: EvaluateOptions) -> dict[str, Any]:
     split = o.split or ("all" if probe.kind == "coco" else "val")
     model = load_model(o.model, tracking_uri=o.tracking_uri)  # so does a bad model
     start_ray(o.address)
-    print(f"evaluating {model_label(model)} on {o.data} (split {split})", flush=True)
+    print(f"evaluating {model.label} on {o.data} (split {split})", flush=True)
     metrics = evaluate_dataset(
         probe,
         o.model,

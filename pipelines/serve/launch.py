@@ -81,7 +81,7 @@ def serve(o: ServeOptions, stop: threading.Event | None = None) -> dict[str, Any
     if not ray.is_initialized() and not o.address:
         _check_port_free(settings.host, settings.port)  # a new local Ray cannot be serving there
     start_ray(o.address)
-    label = f"{model.name} v{model.version}" if model.name else model.uri
+    label = model.label
     print(f"deploying {label} ({model.cfg.name}, {model.cfg.model.image_size}px) ...", flush=True)
     url = settings.url()
     metrics = _RunMetrics(_start_run(o, model, settings, url))  # a failed start is a FAILED run
@@ -136,14 +136,7 @@ class _RunMetrics:
 def _start_run(o: ServeOptions, model, settings: ServeSettings, url: str):
     from pipelines.track.tracker import Tracker, tracking_uri
 
-    tags = {
-        "rayssd.job": "serve",
-        "rayssd.model_uri": model.uri,
-        "rayssd.url": url,
-        "rayssd.app": settings.name,
-    }
-    if model.version:
-        tags["rayssd.model_version"] = f"{model.name}/{model.version}"
+    tags = {**model.lineage_tags("serve"), "rayssd.url": url, "rayssd.app": settings.name}
     tracker = Tracker.start(
         uri=tracking_uri(o.tracking_uri),
         experiment=o.experiment,
@@ -152,11 +145,7 @@ def _start_run(o: ServeOptions, model, settings: ServeSettings, url: str):
     )
     tracker.log_params(
         {
-            "model.uri": model.uri,
-            "model.name": model.name,
-            "model.version": model.version,
-            "model.run_id": model.run_id,
-            "model.config": model.cfg.name,
+            **model.lineage_params(),
             **{f"serve.{k}": v for k, v in dataclasses.asdict(settings).items()},
         }
     )

@@ -51,6 +51,30 @@ class LoadedModel:
     version: str | None = None  # registered model version (for lineage)
     run_id: str | None = None  # run that produced the model, when known
 
+    @property
+    def label(self) -> str:
+        """How messages name it: NAME vVERSION, NAME, or the URI as given."""
+        if self.name:
+            return f"{self.name} v{self.version}" if self.version else self.name
+        return self.uri
+
+    def lineage_params(self) -> dict[str, str | None]:
+        """The MLflow params that record which model a labelling or serving run used."""
+        return {
+            "model.uri": self.uri,
+            "model.name": self.name,
+            "model.version": self.version,
+            "model.run_id": self.run_id,
+            "model.config": self.cfg.name,
+        }
+
+    def lineage_tags(self, job: str) -> dict[str, str]:
+        """The MLflow tags of a `job` run that used this model (its version when registered)."""
+        tags = {"rayssd.job": job, "rayssd.model_uri": self.uri}
+        if self.version:
+            tags["rayssd.model_version"] = f"{self.name}/{self.version}"
+        return tags
+
 
 @dataclass(frozen=True)
 class _Source:
