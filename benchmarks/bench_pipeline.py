@@ -5,7 +5,7 @@
 1. Training-sample throughput (decode JPEG → SSD augmentation → resize → match + encode),
    steady-state images/s over one pass of the built-in dataset (from the first batch on:
    worker start-up is a per-pass constant), `tiny` preset: rayssd's Ray Data
-   pipeline (an actor pool of k workers, 1 CPU each, matching a whole batch at once) vs
+   pipeline (k tasks at once, 1 CPU each, matching a whole batch at once) vs
    `torch.utils.data.DataLoader` with k worker processes running the same per-image
    transform and the same matcher per sample, as a DataLoader pipeline is written
    (default collation); k = 1 and 2.                    goal: >= 1.0x at each k
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.report import publish
-from pipelines.common import keep_freed_memory
+from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG, keep_freed_memory
 from pipelines.data.builtin import write_builtin
 from pipelines.data.datasets import read_dataset
 from pipelines.data.samples import SamplePreprocessor, preprocess
@@ -113,7 +113,7 @@ def _dataloader_rate(rows: list[dict], config: dict, workers: int, batched_match
 
 
 def _ray_rate(ds, cfg: C.Config, workers: int) -> float:
-    samples = preprocess(ds, cfg, train=True, batch_size=BATCH, workers=(workers, workers))
+    samples = preprocess(ds, cfg, train=True, batch_size=BATCH, workers=workers)
     return _steady_rate(iter(samples.iter_batches(batch_size=BATCH, batch_format="numpy")))
 
 
@@ -136,7 +136,7 @@ def _wait_fraction(rows: list[dict], cfg: C.Config, steps: int) -> tuple[float, 
 
     needed = (steps + 2) * BATCH
     ds = ray.data.from_items((rows * (needed // len(rows) + 1))[:needed])
-    samples = preprocess(ds, cfg, train=True, batch_size=BATCH, workers=(1, 1))
+    samples = preprocess(ds, cfg, train=True, batch_size=BATCH, workers=1)
     it = iter(samples.iter_torch_batches(batch_size=BATCH, drop_last=True, prefetch_batches=2))
     waited, trained, seen = 0.0, 0.0, 0
     next(it)  # start-up (actor creation, first batch) is not steady state
@@ -160,7 +160,13 @@ def run(images: int, quick: bool) -> list[tuple]:
     import ray
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        _system_config=LOCAL_RAY_SYSTEM_CONFIG,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     keep_freed_memory()
     rows_out = []

@@ -53,7 +53,7 @@ import torchvision
 from jobs import train as train_job
 from jobs.quickstart import SETTINGS as QUICKSTART_SETTINGS
 from jobs.quickstart import WORKERS as QUICKSTART_WORKERS
-from pipelines.common import keep_freed_memory
+from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG, keep_freed_memory
 from pipelines.data.builtin import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES, write_builtin
 from pipelines.data.samples import SamplePreprocessor, read_image
 from ssd import config as C
@@ -324,6 +324,7 @@ def _start_ray() -> None:
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.WARNING,
+            _system_config=LOCAL_RAY_SYSTEM_CONFIG,
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
 

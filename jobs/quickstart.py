@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import socket
 import threading
@@ -162,7 +161,7 @@ def quickstart(o: QuickstartOptions) -> dict[str, Any]:
     """The four stages in order (module docstring); returns the summary it prints and writes."""
     import ray
 
-    from pipelines.common import quiet_ray_data
+    from pipelines.common import start_ray
     from pipelines.data.builtin import write_builtin
     from pipelines.label.launch import LabelOptions, label
     from pipelines.track.tracker import tracking_uri
@@ -188,12 +187,7 @@ def quickstart(o: QuickstartOptions) -> dict[str, Any]:
     print(f"      {'reused' if written['skipped'] else 'written to'} {data_dir}", flush=True)
     train_json, val_json = (str(data_dir / "annotations" / f"instances_{s}.json") for s in ("train", "val"))
 
-    quiet_ray_data()
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(
-            address=o.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-        )
+    started_ray = start_ray(o.address)
     try:
         stages.begin(
             "train", f"train tiny with Ray Train on {WORKERS} DDP workers (Ray Data prepares the samples)"

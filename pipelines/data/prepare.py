@@ -170,7 +170,10 @@ def prepare(
             seed=cfg.data.seed,
         )
         split_cfg = with_classes(cfg, info.class_names)
-        samples = preprocess(ds, split_cfg, train=False, batch_size=batch_size, annotations=True)
+        workers = max(1, min(2, ds.num_blocks()))  # a task per block at most
+        samples = preprocess(
+            ds, split_cfg, train=False, batch_size=batch_size, workers=workers, annotations=True
+        )
         samples.write_parquet(str(split_dir))
         rows, files = _parquet_rows(split_dir)
         manifest["splits"][name] = {

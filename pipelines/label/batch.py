@@ -380,7 +380,7 @@ def evaluate_dataset(
         probe, split=split, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, strict=strict
     )
     evaluator = _evaluator(ds, info, model, probe.location.uri)
-    inputs = preprocess(ds, cfg, train=False, targets=False, batch_size=batch_size, workers=workers)
+    inputs = preprocess(ds, cfg, train=False, targets=False, batch_size=batch_size, workers=workers[1])
     rows = detect(
         inputs, pinned_uri(model), batch_size=batch_size, workers=workers, tracking_uri=tracking_uri
     )

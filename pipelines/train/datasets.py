@@ -111,7 +111,7 @@ def training_data(
     else:
         rows, info, _ = read_dataset(data.probe, split=None if val_data else "train", **_split_args(cfg))
         cfg = with_classes(cfg, info.class_names)
-        samples = preprocess(rows, cfg, train=True, epoch=epoch_clock, workers=(1, 2), num_cpus=data_cpus)
+        samples = preprocess(rows, cfg, train=True, epoch=epoch_clock, workers=2, num_cpus=data_cpus)
 
     if val_data is None and prepared is not None:
         val = prepared
@@ -135,7 +135,7 @@ def training_data(
         source = val_data or data
         rows, val_info, _ = read_dataset(source.probe, split=None if val_data else "val", **_split_args(cfg))
         rows = rows.materialize()
-        inputs = preprocess(rows, cfg, train=False, targets=False, workers=(1, 1), num_cpus=data_cpus)
+        inputs = preprocess(rows, cfg, train=False, targets=False, workers=1, num_cpus=data_cpus)
         ground_truth = coco_ground_truth(rows, val_info)
     if tuple(val_info.class_names) != tuple(info.class_names):
         raise ValueError(

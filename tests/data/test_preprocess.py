@@ -51,7 +51,7 @@ def expected_targets(row):
 
 def test_pipeline_targets_equal_direct_matching_of_the_same_images(ray_local, tmp_path):
     rows = make_rows(tmp_path)
-    ds = preprocess(ray_local.data.from_items(rows), CFG, train=False, batch_size=4, workers=(1, 1))
+    ds = preprocess(ray_local.data.from_items(rows), CFG, train=False, batch_size=4, workers=1)
     out = {int(r["image_id"]): r for r in ds.take_all()}
     assert sorted(out) == [r["image_id"] for r in rows]
     for row in rows:
@@ -95,7 +95,7 @@ def test_augmentation_repeats_for_the_same_epoch_and_changes_between_epochs(tmp_
 
 def test_two_consumers_of_a_streaming_split_see_disjoint_parts_covering_everything(ray_local, tmp_path):
     rows = make_rows(tmp_path, count=8)
-    ds = preprocess(ray_local.data.from_items(rows), CFG, train=False, batch_size=2, workers=(1, 1))
+    ds = preprocess(ray_local.data.from_items(rows), CFG, train=False, batch_size=2, workers=1)
     shards = ds.streaming_split(2, equal=True)
     seen: list[list[int]] = [[], []]
 
@@ -125,9 +125,7 @@ def test_an_epoch_clock_reseeds_augmentation_per_epoch_and_repeats_an_epoch(ray_
 
     rows = make_rows(tmp_path, count=4)
     clock = start_epoch_clock("test-epoch-clock")
-    ds = preprocess(
-        ray_local.data.from_items(rows), CFG, train=True, epoch="test-epoch-clock", workers=(1, 1)
-    )
+    ds = preprocess(ray_local.data.from_items(rows), CFG, train=True, epoch="test-epoch-clock", workers=1)
 
     def images():
         return {int(r["image_id"]): r["image"] for r in ds.take_all()}
