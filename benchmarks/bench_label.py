@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import platform
 import tempfile
@@ -36,7 +35,7 @@ import torch
 from PIL import Image
 
 from benchmarks.report import publish
-from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG
+from pipelines.common import start_ray
 from pipelines.data.builtin import write_builtin
 from pipelines.data.datasets import read_dataset
 from pipelines.data.samples import read_image
@@ -123,7 +122,6 @@ def _photos(folder: Path, count: int) -> None:
 def run(images: int, model_path: str | None) -> tuple[list[tuple], dict]:
     import ray
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     cpus, threads = os.cpu_count() or 1, torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -140,13 +138,7 @@ def run(images: int, model_path: str | None) -> tuple[list[tuple], dict]:
                 _loop(paths, model, 1, channels_last=True)[0],
                 _loop(paths, model, threads, 1)[0],
             )
-        ray.init(
-            num_cpus=cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            _system_config=LOCAL_RAY_SYSTEM_CONFIG,
-        )
+        start_ray(None, num_cpus=cpus)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
         ours = {name: _pipeline_rate(str(folder), model, model_path, cpus) for name, folder in sets.items()}

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import tempfile
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.report import publish
-from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG, keep_freed_memory
+from pipelines.common import keep_freed_memory, start_ray
 from pipelines.data.builtin import write_builtin
 from pipelines.data.datasets import read_dataset
 from pipelines.data.samples import SamplePreprocessor, preprocess
@@ -159,14 +158,7 @@ def _wait_fraction(rows: list[dict], cfg: C.Config, steps: int) -> tuple[float, 
 def run(images: int, quick: bool) -> list[tuple]:
     import ray
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        _system_config=LOCAL_RAY_SYSTEM_CONFIG,
-    )
+    start_ray(None, num_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     keep_freed_memory()
     rows_out = []

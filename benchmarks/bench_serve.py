@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import logging
 import os
 import platform
 import socket
@@ -36,7 +35,7 @@ import torch
 from PIL import Image
 
 from benchmarks.report import publish
-from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG
+from pipelines.common import start_ray
 from pipelines.serve import deployments as serving
 from pipelines.serve import requests as serve_requests
 from pipelines.track.models import load_model
@@ -176,12 +175,7 @@ def run(model_uri: str | None, clients: list[int], quick: bool) -> dict[str, dic
         calls = 20 if quick else 200
         results["direct, batch 1"] = bench_direct(uri, data, 1, calls)
         results[f"direct, batch {batch}"] = bench_direct(uri, data, batch, max(2, calls // batch))
-        ray.init(
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            _system_config=LOCAL_RAY_SYSTEM_CONFIG,
-        )
+        start_ray(None)
         try:
             url = serving.deploy(uri, port=_free_port(), detector_cpus=1.0)
             for c in clients:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import platform
@@ -53,7 +52,7 @@ import torchvision
 from jobs import train as train_job
 from jobs.quickstart import SETTINGS as QUICKSTART_SETTINGS
 from jobs.quickstart import WORKERS as QUICKSTART_WORKERS
-from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG, keep_freed_memory
+from pipelines.common import keep_freed_memory, start_ray
 from pipelines.data.builtin import DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES, write_builtin
 from pipelines.data.samples import SamplePreprocessor, read_image
 from ssd import config as C
@@ -317,15 +316,7 @@ def _ground_truth(
 def _start_ray() -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",  # this machine, whatever RAY_ADDRESS says
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            _system_config=LOCAL_RAY_SYSTEM_CONFIG,
-        )
+    start_ray("local", num_cpus=os.cpu_count())  # this machine, whatever RAY_ADDRESS says
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -80,7 +80,7 @@ def start_ray(address: str | None, **init_kwargs: Any) -> bool:
     init_kwargs.setdefault("include_dashboard", False)
     init_kwargs.setdefault("log_to_driver", False)
     init_kwargs.setdefault("logging_level", logging.WARNING)
-    if address in (None, "local") and not os.environ.get("RAY_ADDRESS"):  # a new local Ray
+    if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):  # a new local Ray
         init_kwargs.setdefault("_system_config", LOCAL_RAY_SYSTEM_CONFIG)
     ray.init(address=address, **init_kwargs)
     return True

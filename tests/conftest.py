@@ -3,7 +3,6 @@ instance serves the whole session; tests that need their own cluster start it th
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -20,17 +19,10 @@ def ray_local():
     """A local Ray instance shared by every test in the session (2 CPUs, no dashboard)."""
     import ray
 
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if not ray.is_initialized():
-        from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG
+    from pipelines.common import start_ray
 
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            _system_config=LOCAL_RAY_SYSTEM_CONFIG,
-        )
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    start_ray(None, num_cpus=2)  # as `rayssd` starts a local Ray, or the one already up
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
