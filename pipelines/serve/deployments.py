@@ -214,7 +214,11 @@ class Ingress:
     """Checks, decodes and resizes on this replica; detection goes to the detector handle."""
 
     def __init__(self, detector: "DeploymentHandle", info: dict[str, Any], board: Any) -> None:
-        self.detector = detector
+        # Calls go over the gRPC server every Serve replica runs for calls between deployments,
+        # not as Ray actor tasks: 1-client latency 35-39 ms against 38-48 ms, 32-client
+        # throughput 0.79-0.99 against 0.78-0.89 of the direct call (bench_serve, 2 cores,
+        # three rounds each, together with the proxy's gRPC: pipelines.common.LOCAL_RAY_ENV).
+        self.detector = detector.options(_by_reference=False)
         self.info = info
         self.limits = info["serving"]
         self.reporter = Reporter(board)
