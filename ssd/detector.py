@@ -21,7 +21,7 @@ class Detector:
     original sizes → detections in original pixels.
 
     The model is used as given (pass the bare module, not a DDP wrapper) and put in eval
-    mode for the call, then back into the mode it was in.
+    mode for the call, then each module back into the mode it was in.
 
     ``channels_last=True`` moves the model's weights, in place, to the channels-last memory
     layout, in which oneDNN's CPU convolutions and cuDNN's run faster (forward time measured on
@@ -55,8 +55,12 @@ class Detector:
         default to ``cfg.inference``.
         """
         inf = self.cfg.inference
-        was_training = self.model.training
-        self.model.eval()
+        # Eval mode for the call, then each module's own mode back. Only modules in training
+        # mode are switched: an inference model costs one walk (0.07 ms for `tiny`, against
+        # 0.6 ms for eval() and train() on every call).
+        training = [module for module in self.model.modules() if module.training]
+        for module in training:
+            module.training = False
         try:
             with torch.inference_mode():
                 cls_logits, loc_preds = self.model(images.to(self.device, non_blocking=True))
@@ -71,5 +75,6 @@ class Detector:
                     max_detections=inf.max_detections if max_detections is None else max_detections,
                 )
         finally:
-            self.model.train(was_training)
+            for module in training:
+                module.training = True
         return [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()} for d in detections]

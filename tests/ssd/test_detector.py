@@ -58,3 +58,9 @@ def test_a_model_that_keeps_training_keeps_its_layout_and_mode() -> None:
     Detector(model, cfg)(torch.zeros((2, 3, size, size), dtype=torch.uint8), [(size, size)] * 2)
     assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(model))
     assert model.training  # put back after the eval-mode call
+    # Each module gets its own mode back, e.g. a backbone frozen in eval mode while the rest trains.
+    frozen = {name for name, module in model.named_modules() if name.startswith("backbone")}
+    for name, module in model.named_modules():
+        module.training = name not in frozen
+    Detector(model, cfg)(torch.zeros((1, 3, size, size), dtype=torch.uint8), [(size, size)])
+    assert {name for name, module in model.named_modules() if not module.training} == frozen
