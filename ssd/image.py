@@ -1,8 +1,10 @@
 """Images → pixels → network input: the one decoder and the one eval-time input function.
 
 Training's eval transform, evaluation, labelling and serving all turn an image into the
-network's input here, so the four cannot drift apart. Orientation tags (EXIF) are not
-applied: boxes are labelled on the stored pixels, as in training.
+network's input here, so the four cannot drift apart. Images are read as viewers and labelling
+tools show them: the EXIF orientation tag (a phone held upright stores its photo sideways and
+says so there) is applied to the pixels, and sizes are the displayed ones (`displayed_size`),
+so annotations drawn on the displayed image match.
 """
 
 from __future__ import annotations
@@ -18,9 +20,42 @@ from ssd.transforms import eval_transform
 _NO_BOXES = np.zeros((0, 4), np.float32)
 
 
+_ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 = as stored; 2-8 = mirrored and/or turned
+# The transposition that shows the stored pixels the way orientation k says (as PIL's
+# ImageOps.exif_transpose, which copies the whole image even when there is nothing to do).
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_TURNED = {5, 6, 7, 8}  # orientations that swap width and height
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1 when it has none or an unreadable one)."""
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    except (OSError, SyntaxError, ValueError, TypeError):  # a malformed EXIF block: show as stored
+        return 1
+    return value if isinstance(value, int) and value in _TRANSPOSES else 1
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as shown, from its header (no decoding)."""
+    width, height = image.size
+    return (height, width) if orientation(image) in _TURNED else (width, height)
+
+
 def rgb_pixels(image: Image.Image) -> np.ndarray:
-    """An opened PIL image decoded to uint8 [H, W, 3] RGB (any mode: L, P, RGBA, CMYK, I;16...)."""
-    return np.array(image.convert("RGB"))
+    """An opened PIL image decoded to uint8 [H, W, 3] RGB (any mode: L, P, RGBA, CMYK, I;16...),
+    in its displayed orientation."""
+    turn = _TRANSPOSES.get(orientation(image))
+    rgb = image.convert("RGB")
+    return np.array(rgb if turn is None else rgb.transpose(turn))
 
 
 def decode_image(data: bytes | BinaryIO | str) -> np.ndarray:

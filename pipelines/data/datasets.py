@@ -281,12 +281,18 @@ def _validate(
     widths, heights, readable = _check_images(table, np.flatnonzero(table.present), report)
     mismatch = readable & known & ((widths != table.widths) | (heights != table.heights))
     for row in np.flatnonzero(mismatch):
+        turned = (widths[row], heights[row]) == (table.heights[row], table.widths[row])
         report.add(
             "size_mismatch",
             table.paths[row],
             table.image_ids[row],
             f"decoded {widths[row]}x{heights[row]} pixels, but {table.annotation_files[row]} "
-            f"annotates {table.widths[row]}x{table.heights[row]}",
+            f"annotates {table.widths[row]}x{table.heights[row]}"
+            + (
+                " (width and height swapped: an EXIF orientation turns the image; annotate it as shown)"
+                if turned
+                else ""
+            ),
         )
     keep_images = readable & ~mismatch
     box_kept_image = np.zeros(len(rows), dtype=bool)

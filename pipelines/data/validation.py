@@ -39,6 +39,8 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
+from ssd.image import displayed_size
+
 IMAGE_KINDS = ("duplicate_image_id", "missing_file", "unreadable", "truncated", "corrupt", "size_mismatch")
 BOX_KINDS = ("unknown_image", "unknown_category", "invalid_box", "zero_area", "outside_image", "clipped")
 PROBLEM_KINDS = IMAGE_KINDS + BOX_KINDS
@@ -206,7 +208,8 @@ def describe_box(kind: str, box: Sequence[float], clipped: Sequence[float], widt
 def inspect_image(filesystem: pafs.FileSystem, path: str) -> tuple[int, int, str, str]:
     """Read and decode one image file.
 
-    Returns ``(width, height, kind, detail)``: the decoded size in pixels and, for a bad
+    Returns ``(width, height, kind, detail)``: the displayed size in pixels (EXIF orientation
+    applied, `ssd.image.displayed_size`) and, for a bad
     file, its problem kind (``missing_file``, ``unreadable``, ``truncated``, ``corrupt``)
     and what went wrong; kind and detail are empty for a good image.
     """
@@ -219,8 +222,9 @@ def inspect_image(filesystem: pafs.FileSystem, path: str) -> tuple[int, int, str
         return 0, 0, "unreadable", f"cannot read the file: {exc}"
     try:
         with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            image.draft(None, (max(1, width // _DRAFT_SCALE), max(1, height // _DRAFT_SCALE)))
+            stored_width, stored_height = image.size
+            width, height = displayed_size(image)  # annotations are drawn on the displayed image
+            image.draft(None, (max(1, stored_width // _DRAFT_SCALE), max(1, stored_height // _DRAFT_SCALE)))
             image.load()
     except UnidentifiedImageError:
         return 0, 0, "unreadable", f"not an image PIL can identify ({len(data)} bytes)"

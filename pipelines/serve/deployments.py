@@ -18,8 +18,8 @@ HTTP contract (every answer is JSON; errors are ``{"error": message, "status": c
 part of a ``multipart/form-data`` body. Query: ``score_threshold`` in [0, 1) (default
 `DEFAULT_SCORE_THRESHOLD`), ``max_detections`` in 1..`MAX_DETECTIONS` (default the model's).
 
-* 200 ``boxes`` [[x1, y1, x2, y2], ...] in the uploaded image's own pixels (EXIF orientation
-  is not applied, as in training), ``scores`` descending, ``labels`` 1..K, ``names``,
+* 200 ``boxes`` [[x1, y1, x2, y2], ...] in the uploaded image's pixels as displayed (its EXIF
+  orientation applied, as in training), ``scores`` descending, ``labels`` 1..K, ``names``,
   ``category_ids``, ``image`` {width, height}, ``model`` {name, version, uri} and the
   ``score_threshold`` / ``max_detections`` applied;
 * 400 empty body, bytes that are no image, a malformed multipart body;

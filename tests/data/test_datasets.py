@@ -161,6 +161,40 @@ def test_voc_splits_come_from_image_sets_and_difficult_objects_are_ignored(ray_l
     assert val_info.num_images == 1 and val_info.num_boxes == 1
 
 
+def _turned_jpeg(path: Path) -> Path:
+    """Stored 40 wide and 30 high with EXIF orientation 6, as a phone held upright saves its
+    photo: shown 30 wide and 40 high."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, exif=exif)
+    return path
+
+
+def test_photos_are_read_as_shown_with_their_exif_orientation(ray_local, tmp_path):
+    for name in ("shown.jpg", "stored.jpg"):
+        _turned_jpeg(tmp_path / "images" / name)
+    source = _write_coco(
+        tmp_path / "labels.json",
+        # Annotated as viewers and labelling tools show the photo (30x40), and as stored (40x30).
+        images=[(1, "shown.jpg", 30, 40), (2, "stored.jpg", 40, 30)],
+        annotations=[(1, 1, 1, [2, 25, 10, 12], 0), (2, 2, 1, [2, 2, 10, 10], 0)],
+        categories=[(1, "cat")],
+    )
+    dataset, _, report = read_dataset(source, image_root=str(tmp_path / "images"))
+
+    rows = _rows(dataset)
+    assert sorted(rows) == [1] and (rows[1]["width"], rows[1]["height"]) == (30, 40)
+    np.testing.assert_array_equal(rows[1]["boxes"], [[2, 25, 12, 37]])  # below the stored height: kept whole
+    [entry] = report.entries
+    assert entry.kind == "size_mismatch" and Path(entry.file).name == "stored.jpg"
+    assert "annotates 40x30" in entry.detail and "swapped" in entry.detail and "EXIF" in entry.detail
+
+    folder, _, _ = read_dataset(tmp_path / "images", class_names=["cat"])
+    assert {(r["width"], r["height"]) for r in folder.take_all()} == {(30, 40)}
+
+
 def test_image_folder_gives_rows_without_boxes_at_decoded_size(ray_local, tmp_path):
     _image(tmp_path / "pics" / "x.jpg", width=32, height=24)
     _image(tmp_path / "pics" / "sub" / "y.png", width=16, height=16)

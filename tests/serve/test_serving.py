@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from jobs import serve as serve_job
 from pipelines.serve.deployments import select
@@ -44,9 +44,12 @@ CLASSES = {"class_names": ["a", "b"], "category_ids": [3, 5]}
 QUERY = {"score_threshold": "0.05", "max_detections": "20"}
 
 
-def _encoded(pixels: np.ndarray, fmt: str) -> bytes:
+def _encoded(pixels: np.ndarray, fmt: str, orientation: int = 1) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, fmt)
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation  # EXIF Orientation, as a phone writes it
+    Image.fromarray(pixels).save(buf, fmt, exif=exif)
     return buf.getvalue()
 
 
@@ -66,6 +69,8 @@ IMAGES = {
     "jpeg": (_encoded(_scene(0, 150, 200), "JPEG"), "image/jpeg"),
     "png": (_encoded(_scene(1, 311, 97), "PNG"), "image/png"),
     "webp": (_encoded(_scene(2, 64, 64), "WEBP"), "image/webp"),
+    # Stored 200 wide and 150 high, shown turned a quarter: 150 wide and 200 high.
+    "upright phone jpeg": (_encoded(_scene(3, 150, 200), "JPEG", orientation=6), "image/jpeg"),
 }
 
 
@@ -154,7 +159,7 @@ def _direct(model_file: str, data: bytes, threshold: float, most: int) -> dict[s
     """The oracle: decode with PIL, resize with `eval_transform`, one `Detector` call at batch 1
     with the detector replica's settings (channels-last weights)."""
     loaded = load_model(model_file)
-    pixels = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # [H, W, 3]
+    pixels = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))  # [H, W, 3] shown
     resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), loaded.cfg.model.image_size)
     images = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))[None]  # [1, 3, S, S]
     [found] = Detector(loaded.model, loaded.cfg, channels_last=True)(
@@ -238,8 +243,8 @@ def test_raw_and_multipart_uploads_equal_the_direct_model_call(server, model_fil
         assert response.status_code == 200, response.text
         answer = response.json()
         _assert_equal_to_direct(answer, expected)
-        height, width = np.array(Image.open(io.BytesIO(data))).shape[:2]
-        assert answer["image"] == {"width": width, "height": height}
+        height, width = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))).shape[:2]
+        assert answer["image"] == {"width": width, "height": height}  # as shown
         assert answer["model"] == {"name": REGISTERED, "version": "1", "uri": f"models:/{REGISTERED}/1"}
         assert (answer["score_threshold"], answer["max_detections"]) == (0.05, 20)
 

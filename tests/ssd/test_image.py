@@ -1,0 +1,57 @@
+"""`ssd.image`: photos decoded as they are shown (EXIF orientation), against PIL's and
+torchvision's own EXIF handling."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from torchvision.io import decode_jpeg
+
+from ssd.image import decode_image, displayed_size
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
+
+
+def _photo(fmt: str, orientation: int) -> bytes:
+    """A 24 wide, 16 high image that tells every flip and turn apart, with this orientation."""
+    pixels = np.zeros((16, 24, 3), np.uint8)
+    pixels[:8, :12] = (255, 0, 0)  # top left red
+    pixels[:8, 12:] = (0, 255, 0)  # top right green
+    pixels[8:, :12] = (0, 0, 255)  # bottom left blue
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_each_orientation_decodes_as_pil_shows_it(orientation):
+    data = _photo("PNG", orientation)
+    shown = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    got = decode_image(data)
+    np.testing.assert_array_equal(got, shown)
+    with Image.open(io.BytesIO(data)) as image:
+        assert displayed_size(image) == (got.shape[1], got.shape[0])
+    assert got.shape[:2] == ((24, 16) if orientation >= 5 else (16, 24))
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_jpeg_orientation_matches_torchvision(orientation):
+    data = _photo("JPEG", orientation)
+    want = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), apply_exif_orientation=True)
+    got = torch.from_numpy(decode_image(data)).permute(2, 0, 1)  # [3, H, W]
+    assert got.shape == want.shape
+    assert (got.int() - want.int()).abs().max() <= 2  # two JPEG decoders: rounding only
+
+
+def test_a_malformed_exif_block_is_shown_as_stored():
+    data = bytearray(_photo("JPEG", 6))
+    start = data.index(b"Exif\x00\x00") + 6
+    data[start : start + 8] = b"garbage!"  # the TIFF header of the EXIF block
+    assert decode_image(bytes(data)).shape[:2] == (16, 24)
