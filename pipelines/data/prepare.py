@@ -42,7 +42,9 @@ from ssd.config import with_classes
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: samples keep the source's boxes, labels and ignore flags
+# 2: samples keep the source's boxes, labels and ignore flags; 3: images as shown (EXIF
+# orientation), JPEGs decoded at a reduced scale (`ssd.image.reduce_for`)
+FORMAT_VERSION = 3
 
 
 def sample_hash(cfg: C.Config) -> str:

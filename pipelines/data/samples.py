@@ -30,18 +30,19 @@ from ssd.transforms import eval_transform, rng_for, train_transform
 log = logging.getLogger(__name__)
 
 INPUT_COLUMNS = ("image_id", "width", "height", "image")  # network inputs
+_ROW_KEYS = ("image_id", "path", "width", "height", "boxes", "labels", "ignore")  # what a sample reads
 TARGET_COLUMNS = ("cls_targets", "loc_targets")  # training samples add these
 ANNOTATION_COLUMNS = ("boxes", "labels", "ignore")  # prepared samples add these
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, reduce_to: int | None = None) -> np.ndarray:
     """Decode an image file (local path or any pyarrow filesystem URI) to uint8 [H, W, 3] RGB
-    (`ssd.image.decode_image`)."""
+    (`ssd.image.decode_image`; `reduce_to`: a JPEG possibly at a reduced scale)."""
     if "://" in path:
         fs, inner = pyarrow.fs.FileSystem.from_uri(path)
         with fs.open_input_file(inner) as f:
-            return decode_image(f.read())
-    return decode_image(path)
+            return decode_image(f.read(), reduce_to)
+    return decode_image(path, reduce_to)
 
 
 def class_target_dtype(num_classes: int) -> np.dtype:
@@ -89,14 +90,18 @@ class SamplePreprocessor:
         keep_freed_memory()
 
     def _sample(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        image = read_image(str(row["path"]))
         keep = ~np.asarray(row["ignore"], dtype=bool)
         boxes = np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)[keep]
         labels = np.asarray(row["labels"], dtype=np.int64).reshape(-1)[keep]
-        if self.train:
+        if self.train:  # crops zoom in: the full decode
+            image = read_image(str(row["path"]))
             rng = rng_for(self.cfg.data.seed, self.epoch, int(row["image_id"]))
             return train_transform(image, boxes, labels, self.size, rng)
-        resized, unit_boxes = eval_transform(image, boxes, self.size)
+        # Resized to the input next: a JPEG may decode at a reduced scale, boxes follow it.
+        image = read_image(str(row["path"]), reduce_to=self.size)
+        height, width = image.shape[:2]
+        scale = np.array([width / row["width"], height / row["height"]] * 2, np.float32)
+        resized, unit_boxes = eval_transform(image, boxes * scale, self.size)
         return resized, unit_boxes, labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -104,10 +109,7 @@ class SamplePreprocessor:
             import ray
 
             self.epoch = int(ray.get(_clock_handle(self.clock).get.remote()))
-        rows = [
-            {key: batch[key][i] for key in ("image_id", "path", "boxes", "labels", "ignore")}
-            for i in range(len(batch["image_id"]))
-        ]
+        rows = [{key: batch[key][i] for key in _ROW_KEYS} for i in range(len(batch["image_id"]))]
         samples = [self._sample(row) for row in rows]  # decode + augment: per image by nature
         out = {
             "image_id": np.asarray(batch["image_id"], dtype=np.int64),

@@ -144,9 +144,10 @@ def _per_row(arrays: list[np.ndarray]) -> np.ndarray:
 
 def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
     """Ray Data batch function: source rows (``image_id``, ``path``, ``width``, ``height``) →
-    the same columns plus ``image`` uint8 [B, 3, S, S]: each file decoded (`read_image`) and
-    made the network's input exactly as in evaluation (`ssd.image.network_input`)."""
-    images = [network_input(read_image(str(path)), image_size) for path in batch["path"]]
+    the same columns plus ``image`` uint8 [B, 3, S, S]: each file decoded (`read_image`, a JPEG
+    at a reduced scale where the input is much smaller) and made the network's input exactly as
+    in evaluation (`ssd.image.network_input`)."""
+    images = [network_input(read_image(str(p), reduce_to=image_size), image_size) for p in batch["path"]]
     out = {key: np.asarray(batch[key], dtype=np.int64) for key in _PASSED_THROUGH}
     out["path"] = np.asarray(batch["path"], dtype=object)
     out["image"] = np.stack(images) if images else np.zeros((0, 3, image_size, image_size), np.uint8)

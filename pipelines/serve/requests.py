@@ -14,7 +14,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ssd import config as C
-from ssd.image import network_input, rgb_pixels
+from ssd.image import displayed_size, network_input, reduce_for, rgb_pixels
 
 ACCEPTED_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/bmp": "BMP"}
 GENERIC_TYPES = ("", "application/octet-stream")  # no claim: the format is read from the bytes
@@ -93,8 +93,10 @@ async def _multipart_file(headers: Headers, body: bytes) -> bytes:
     return data
 
 
-def decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Image bytes → uint8 [H, W, 3] RGB, checking the pixel count from the header first."""
+def decode(data: bytes, max_pixels: int, reduce_to: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image bytes → (uint8 [h, w, 3] RGB, the image's (height, width) as shown), checking the
+    pixel count from the header first. With `reduce_to` a JPEG may decode at a reduced scale
+    (`ssd.image.reduce_for`), so h, w can be smaller than the size returned beside them."""
     try:
         image = Image.open(io.BytesIO(data), formats=IDENTIFIED_FORMATS)
     except Image.DecompressionBombError as exc:
@@ -111,16 +113,18 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
             raise RequestError(
                 413, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
             )
+        shown_width, shown_height = displayed_size(image)
+        reduce_for(image, reduce_to)
         try:
-            return rgb_pixels(image)  # the decoder of training and labelling
+            return rgb_pixels(image), (shown_height, shown_width)  # the decoder of training and labelling
         except (OSError, SyntaxError, ValueError) as exc:
             raise RequestError(422, f"{image.format} image data is corrupt or truncated: {exc}") from None
 
 
 def prepare(data: bytes, max_pixels: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Image bytes → (uint8 [3, size, size], original (height, width))."""
-    pixels = decode(data, max_pixels)  # [H, W, 3]
-    return network_input(pixels, size), pixels.shape[:2]
+    pixels, shown = decode(data, max_pixels, reduce_to=size)  # [h, w, 3], (H, W)
+    return network_input(pixels, size), shown
 
 
 def detect_params(query: Any, default_max: int) -> tuple[float, int]:

@@ -71,6 +71,8 @@ IMAGES = {
     "webp": (_encoded(_scene(2, 64, 64), "WEBP"), "image/webp"),
     # Stored 200 wide and 150 high, shown turned a quarter: 150 wide and 200 high.
     "upright phone jpeg": (_encoded(_scene(3, 150, 200), "JPEG", orientation=6), "image/jpeg"),
+    # Over twice the input on both sides: decoded at half scale, answered in its own pixels.
+    "large jpeg": (_encoded(_scene(4, 420, 560), "JPEG"), "image/jpeg"),
 }
 
 
@@ -159,12 +161,14 @@ def _direct(model_file: str, data: bytes, threshold: float, most: int) -> dict[s
     """The oracle: decode with PIL, resize with `eval_transform`, one `Detector` call at batch 1
     with the detector replica's settings (channels-last weights)."""
     loaded = load_model(model_file)
-    pixels = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))  # [H, W, 3] shown
-    resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), loaded.cfg.model.image_size)
+    size = loaded.cfg.model.image_size
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size  # (W, H) as displayed
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft(None, (size, size))  # a JPEG at libjpeg's scale that keeps both sides >= size
+        pixels = np.array(ImageOps.exif_transpose(image).convert("RGB"))  # [h, w, 3] shown
+    resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), size)
     images = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))[None]  # [1, 3, S, S]
-    [found] = Detector(loaded.model, loaded.cfg, channels_last=True)(
-        images, [pixels.shape[:2]], threshold, most
-    )
+    [found] = Detector(loaded.model, loaded.cfg, channels_last=True)(images, [shown[::-1]], threshold, most)
     return {k: v.numpy() for k, v in found.items()}
 
 

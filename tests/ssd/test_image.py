@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.io import decode_jpeg
 
-from ssd.image import decode_image, displayed_size
+from ssd.image import decode_image, displayed_size, network_input
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
 
@@ -55,3 +55,32 @@ def test_a_malformed_exif_block_is_shown_as_stored():
     start = data.index(b"Exif\x00\x00") + 6
     data[start : start + 8] = b"garbage!"  # the TIFF header of the EXIF block
     assert decode_image(bytes(data)).shape[:2] == (16, 24)
+
+
+def _real_photo(width: int, height: int, orientation: int = 1) -> bytes:
+    """matplotlib's sample photograph (a real JPEG camera picture) at this size."""
+    from matplotlib import cbook
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as image:
+        resized = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    resized.save(buf, "JPEG", quality=90, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_jpeg_decodes_at_a_reduced_scale_into_nearly_the_same_network_input(orientation):
+    data = _real_photo(1280, 960, orientation)  # 1/4 still leaves both sides >= 200
+    full, reduced = decode_image(data), decode_image(data, reduce_to=200)
+    assert full.shape[:2] == ((1280, 960) if orientation == 6 else (960, 1280))
+    assert reduced.shape[:2] == (full.shape[0] // 4, full.shape[1] // 4)
+    difference = np.abs(network_input(full, 200).astype(int) - network_input(reduced, 200).astype(int))
+    assert difference.mean() < 1.5 and np.percentile(difference, 99) <= 12  # levels of 255
+    # Too small to reduce, or not a JPEG: decoded as it is.
+    assert decode_image(_real_photo(320, 240), reduce_to=200).shape[:2] == (240, 320)
+    png = io.BytesIO()
+    Image.fromarray(full).save(png, "PNG")
+    assert decode_image(png.getvalue(), reduce_to=200).shape == full.shape
