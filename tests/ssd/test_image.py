@@ -84,3 +84,29 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_into_nearly_the_same_network_in
     png = io.BytesIO()
     Image.fromarray(full).save(png, "PNG")
     assert decode_image(png.getvalue(), reduce_to=200).shape == full.shape
+
+
+MODES = {  # how cameras, scanners and tools save images: (PIL mode, format, save options)
+    "CMYK jpeg": ("CMYK", "JPEG", {}),
+    "grayscale jpeg": ("L", "JPEG", {}),
+    "progressive jpeg": ("RGB", "JPEG", {"progressive": True}),
+    "palette png": ("P", "PNG", {}),
+    "RGBA png": ("RGBA", "PNG", {}),
+    "LA png": ("LA", "PNG", {}),
+    "16-bit png": ("I;16", "PNG", {}),
+    "webp": ("RGB", "WEBP", {}),
+}
+
+
+@pytest.mark.parametrize("kind", list(MODES))
+def test_every_image_mode_becomes_rgb_and_reduces_like_its_full_decode(kind):
+    mode, fmt, options = MODES[kind]
+    with Image.open(io.BytesIO(_real_photo(320, 240))) as photo:
+        image = photo.convert("L").convert("I;16") if mode == "I;16" else photo.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    full, reduced = decode_image(buf.getvalue()), decode_image(buf.getvalue(), reduce_to=64)
+    assert full.dtype == np.uint8 and full.shape == (240, 320, 3)
+    assert reduced.shape == ((120, 160, 3) if fmt == "JPEG" else (240, 320, 3))  # 1/2: 1/4 is under 64
+    difference = np.abs(network_input(full, 64).astype(int) - network_input(reduced, 64).astype(int))
+    assert difference.mean() < 2.0  # the same picture, colours included (CMYK too)
