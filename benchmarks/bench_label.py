@@ -80,7 +80,9 @@ def _loop(
     steady_from = None
     try:
         for first in range(0, len(paths), batch):
-            pixels = [read_image(path) for path in paths[first : first + batch]]
+            # decoded as label_rows decodes (a large JPEG at a reduced scale); the boxes are not
+            # kept, so the decoded shapes stand in for the images' sizes
+            pixels = [read_image(path, reduce_to=size) for path in paths[first : first + batch]]
             resized = [eval_transform(p, no_boxes, size)[0].transpose(2, 0, 1) for p in pixels]
             detector(torch.from_numpy(np.stack(resized)), [p.shape[:2] for p in pixels])
             steady_from = steady_from or (time.perf_counter(), first + batch)

@@ -36,7 +36,13 @@ _TURNED = {5, 6, 7, 8}  # orientations that swap width and height
 
 
 def orientation(image: Image.Image) -> int:
-    """The EXIF orientation of an opened image (1 when it has none or an unreadable one)."""
+    """The EXIF orientation of an opened image (1 when it has none or an unreadable one).
+
+    A JPEG's EXIF block precedes its pixels and is read without decoding. Other formats (PNG,
+    WebP) may store it after the pixels, so they are decoded first, outside the EXIF error
+    handling: a corrupt image raises here instead of passing as one without orientation."""
+    if image.format != "JPEG":
+        image.load()
     try:
         value = image.getexif().get(_ORIENTATION_TAG, 1)
     except (OSError, SyntaxError, ValueError, TypeError):  # a malformed EXIF block: show as stored

@@ -6,8 +6,8 @@ conventions and splits) and returns a `ray.data.Dataset` of rows
 
     image_id  int64
     path      str            absolute local path or URI of the image file
-    width     int64          decoded width in pixels
-    height    int64          decoded height in pixels
+    width     int64          width in pixels as displayed (EXIF orientation applied)
+    height    int64          height in pixels as displayed
     boxes     float32 [N, 4] xyxy pixels inside [0, W] x [0, H]; N may be 0
     labels    int64 [N]      contiguous 1..K (0 is background and never appears)
     ignore    bool [N]       COCO iscrowd / VOC difficult: for evaluation, not for training

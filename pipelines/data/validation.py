@@ -12,7 +12,7 @@ unreadable          image  dropped        the file cannot be read or is not an i
                                           annotation XML that does not parse)
 truncated           image  dropped        decoding stops early: the file was cut short
 corrupt             image  dropped        decoding fails for another reason
-size_mismatch       image  dropped        the decoded size differs from the annotated one, so the boxes
+size_mismatch       image  dropped        the displayed size differs from the annotated one, so the boxes
                                           were drawn on another picture
 unknown_image       box    dropped        a COCO annotation names an image id that has no image
 unknown_category    box    dropped        the category is not one of the dataset's classes
@@ -239,7 +239,7 @@ def inspect_image(filesystem: pafs.FileSystem, path: str) -> tuple[int, int, str
 def check_images_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> dict[str, np.ndarray]:
     """Ray Data batch function: decode every image of a batch of ``row`` int64 / ``fs_path`` str.
 
-    Returns ``row``, ``width`` and ``height`` (int64, decoded pixels; 0 for a bad file),
+    Returns ``row``, ``width`` and ``height`` (int64, displayed pixels; 0 for a bad file),
     ``problem`` (a kind of `IMAGE_KINDS` or "") and ``detail``.
     """
     results = [inspect_image(filesystem, str(path)) for path in batch["fs_path"]]

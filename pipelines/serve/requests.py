@@ -113,9 +113,9 @@ def decode(data: bytes, max_pixels: int, reduce_to: int | None = None) -> tuple[
             raise RequestError(
                 413, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
             )
-        shown_width, shown_height = displayed_size(image)
-        reduce_for(image, reduce_to)
         try:
+            shown_width, shown_height = displayed_size(image)  # decodes a PNG: its EXIF may follow the pixels
+            reduce_for(image, reduce_to)
             return rgb_pixels(image), (shown_height, shown_width)  # the decoder of training and labelling
         except (OSError, SyntaxError, ValueError) as exc:
             raise RequestError(422, f"{image.format} image data is corrupt or truncated: {exc}") from None

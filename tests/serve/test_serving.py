@@ -34,6 +34,7 @@ from ssd.detector import Detector
 from ssd.model import build_ssd
 from ssd.transforms import eval_transform
 from tests.ports import free_port
+from tests.ssd.test_image import corrupt_png
 
 REGISTERED = "serve-test"
 EXPERIMENT = "test-serve"
@@ -338,6 +339,7 @@ def _chunks(size: int):
 
 
 GIF = _encoded(np.zeros((8, 8, 3), np.uint8), "GIF")
+CORRUPT_PNG = corrupt_png(_scene(5, 64, 80))
 TOO_MANY_PIXELS = _encoded(np.zeros((500, 600, 3), np.uint8), "PNG")  # 300k pixels, a few KB
 MULTIPART = "multipart/form-data; boundary=b0undary"
 BAD_INPUTS = {
@@ -349,6 +351,7 @@ BAD_INPUTS = {
     "gif sent as bytes": ("application/octet-stream", GIF, {}, 415, "GIF"),
     "not an image": ("image/png", b"\x00not an image at all" * 10, {}, 400, "not an image"),
     "truncated jpeg": ("image/jpeg", IMAGES["jpeg"][0][:1500], {}, 422, "truncated"),
+    "corrupt png": ("image/png", CORRUPT_PNG, {}, 422, "corrupt"),
     "multipart without a file": (MULTIPART, _multipart([("note", None, b"hi")]), {}, 400, "no file part"),
     "multipart text file": (MULTIPART, _multipart([("file", "text/plain", b"hi")]), {}, 415, "text/plain"),
     "multipart without boundary": ("multipart/form-data", b"--x\r\n", {}, 400, "boundary"),

@@ -4,6 +4,8 @@ torchvision's own EXIF handling."""
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -110,3 +112,31 @@ def test_every_image_mode_becomes_rgb_and_reduces_like_its_full_decode(kind):
     assert reduced.shape == ((120, 160, 3) if fmt == "JPEG" else (240, 320, 3))  # 1/2: 1/4 is under 64
     difference = np.abs(network_input(full, 64).astype(int) - network_input(reduced, 64).astype(int))
     assert difference.mean() < 2.0  # the same picture, colours included (CMYK too)
+
+
+def corrupt_png(pixels: np.ndarray) -> bytes:
+    """A PNG of `pixels` whose pixel stream is broken under a valid chunk CRC: only decoding
+    finds out."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    at = data.index(b"IDAT")
+    length = struct.unpack(">I", data[at - 4 : at])[0]
+    body = bytearray(data[at + 4 : at + 4 + length])
+    body[length // 2 : length // 2 + 40] = bytes(40)
+    crc = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body)))
+    return bytes(data[: at + 4]) + bytes(body) + crc + bytes(data[at + 8 + length :])
+
+
+def test_a_corrupt_png_raises_although_reading_its_exif_decodes_it(tmp_path):
+    """A PNG's EXIF may follow its pixels, so reading the orientation decodes the image: the
+    decode error must surface, not pass as "no orientation" over half-decoded pixels."""
+    import pyarrow.fs as pafs
+
+    from pipelines.data.validation import inspect_image
+
+    broken = corrupt_png(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    with pytest.raises(OSError, match="broken data stream"):
+        decode_image(broken)
+    (tmp_path / "broken.png").write_bytes(broken)
+    assert inspect_image(pafs.LocalFileSystem(), str(tmp_path / "broken.png"))[2] == "corrupt"  # ingest
