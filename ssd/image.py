@@ -13,7 +13,7 @@ import io
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from ssd.transforms import eval_transform
 
@@ -41,7 +41,7 @@ def orientation(image: Image.Image) -> int:
     A JPEG's EXIF block precedes its pixels and is read without decoding. Other formats (PNG,
     WebP) may store it after the pixels, so they are decoded first, outside the EXIF error
     handling: a corrupt image raises here instead of passing as one without orientation."""
-    if image.format != "JPEG":
+    if not isinstance(image, JpegImagePlugin.JpegImageFile):  # JPEG and its camera variant MPO
         image.load()
     try:
         value = image.getexif().get(_ORIENTATION_TAG, 1)

@@ -81,6 +81,10 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_into_nearly_the_same_network_in
     assert reduced.shape[:2] == (full.shape[0] // 4, full.shape[1] // 4)
     difference = np.abs(network_input(full, 200).astype(int) - network_input(reduced, 200).astype(int))
     assert difference.mean() < 1.5 and np.percentile(difference, 99) <= 12  # levels of 255
+    # A camera's multi-picture JPEG (MPO) reduces like a JPEG: reading its orientation does not decode it.
+    mpo = io.BytesIO()
+    Image.fromarray(full).save(mpo, "MPO", save_all=True, append_images=[Image.fromarray(full)])
+    assert decode_image(mpo.getvalue(), reduce_to=200).shape == reduced.shape
     # Too small to reduce, or not a JPEG: decoded as it is.
     assert decode_image(_real_photo(320, 240), reduce_to=200).shape[:2] == (240, 320)
     png = io.BytesIO()
