@@ -1,6 +1,6 @@
 """Every benchmark in one run, one table of goals.
 
-    python -m benchmarks [--quick] [--only core,pipeline,train,label,serve] [--markdown FILE] [--plot FILE]
+    python -m benchmarks [--quick] [--only core,...,scale] [--markdown FILE] [--plot FILE]
     rayssd bench ...
 
 Runs each `benchmarks.bench_*` in turn as a child process (so each starts and stops its
@@ -9,7 +9,8 @@ the machine, every suite's own table, then one table of every figure that has a 
 rayssd's figure, its baseline measured in the same run, the ratio, the goal and whether
 it is met. --markdown writes the same as a Markdown file; --plot draws rayssd/baseline
 ratios against their goals as a PNG. --quick passes --quick to every suite (smoke figures
-in a few minutes, not for comparison).
+in a few minutes, not for comparison). The scale suite (`benchmarks.bench_scale`, COCO-sized
+sets up to 118k images, ~40 min) runs only when --only names it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ SUITES = {  # name: (module, extra arguments); in the order they run
     "train": ("benchmarks.bench_train", []),
     "label": ("benchmarks.bench_label", []),
     "serve": ("benchmarks.bench_serve", []),
+    "scale": ("benchmarks.bench_scale", []),  # ~40 min at 118k images: only with --only
 }
+DEFAULT_SUITES = ("core", "pipeline", "train", "label", "serve")
 PROJECT = Path(__file__).resolve().parents[1]
 NUMBER = r"(-?[\d.]+)"
 # e.g. "throughput at 32 clients / direct batched: 0.52 (goal >= 0.80: NOT met)"
@@ -154,13 +157,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke figures in a few minutes (noisy)")
-    parser.add_argument("--only", help=f"comma-separated suites (default: all of {', '.join(SUITES)})")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated suites of {', '.join(SUITES)} (default: {', '.join(DEFAULT_SUITES)}; "
+        "scale, COCO-sized sets up to 118k images, takes ~40 min and runs only when named)",
+    )
     parser.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
     parser.add_argument("--plot", metavar="FILE", help="also draw the ratios against their goals (PNG)")
 
 
 def run(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.only.split(",")] if args.only else list(SUITES)
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(DEFAULT_SUITES)
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         raise ValueError(f"--only {','.join(unknown)}: unknown suite; expected some of {', '.join(SUITES)}")

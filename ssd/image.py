@@ -35,6 +35,12 @@ _TRANSPOSES = {
 _TURNED = {5, 6, 7, 8}  # orientations that swap width and height
 
 
+# The most pixels an image may have, checked from its header before any pixel is decoded:
+# where PIL's own decompression-bomb check refuses an image by default (twice its
+# MAX_IMAGE_PIXELS); 16384 x 10922, so a 12 MP or 108 MP photo passes.
+MAX_PIXELS = 178_956_970
+
+
 def orientation(image: Image.Image) -> int:
     """The EXIF orientation of an opened image (1 when it has none or an unreadable one).
 

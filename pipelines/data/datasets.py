@@ -262,10 +262,10 @@ def _validate(
     table: SourceTable, report: IngestReport
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Run every check in order: missing files, boxes of images with an annotated size, the
-    image pass, size mismatches, boxes of the remaining images against their decoded size.
+    image pass, size mismatches, boxes of the remaining images against their displayed size.
 
     Returns keep_images bool [I], keep_boxes bool [M], boxes float64 [M, 4] (clipped),
-    widths and heights int64 [I] (decoded).
+    widths and heights int64 [I] (displayed, EXIF orientation applied).
     """
     for row in np.flatnonzero(~table.present):
         report.add("missing_file", table.paths[row], table.image_ids[row], "no such file")
@@ -286,7 +286,7 @@ def _validate(
             "size_mismatch",
             table.paths[row],
             table.image_ids[row],
-            f"decoded {widths[row]}x{heights[row]} pixels, but {table.annotation_files[row]} "
+            f"shown at {widths[row]}x{heights[row]} pixels, but {table.annotation_files[row]} "
             f"annotates {table.widths[row]}x{table.heights[row]}"
             + (
                 " (width and height swapped: an EXIF orientation turns the image; annotate it as shown)"
@@ -337,7 +337,7 @@ def _check_images(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode the images at `rows` on the Ray workers (`check_images_batch`).
 
-    Returns widths and heights int64 [I] (decoded pixels, 0 if not decoded) and readable
+    Returns widths and heights int64 [I] (displayed pixels, 0 if not read) and readable
     bool [I]. Problems are reported in row order; strict mode stops at the first to arrive.
     """
     count = len(table.image_ids)

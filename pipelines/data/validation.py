@@ -11,6 +11,8 @@ missing_file        image  dropped        the image, or a VOC annotation XML, do
 unreadable          image  dropped        the file cannot be read or is not an image PIL knows (also an
                                           annotation XML that does not parse)
 truncated           image  dropped        decoding stops early: the file was cut short
+too_large           image  dropped        more pixels than `ssd.image.MAX_PIXELS` (a decompression
+                                          bomb): refused from the header, nothing decoded
 corrupt             image  dropped        decoding fails for another reason
 size_mismatch       image  dropped        the displayed size differs from the annotated one, so the boxes
                                           were drawn on another picture
@@ -32,6 +34,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,9 +42,17 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
-from ssd.image import displayed_size
+from ssd.image import MAX_PIXELS, displayed_size
 
-IMAGE_KINDS = ("duplicate_image_id", "missing_file", "unreadable", "truncated", "corrupt", "size_mismatch")
+IMAGE_KINDS = (
+    "duplicate_image_id",
+    "missing_file",
+    "unreadable",
+    "truncated",
+    "too_large",
+    "corrupt",
+    "size_mismatch",
+)
 BOX_KINDS = ("unknown_image", "unknown_category", "invalid_box", "zero_area", "outside_image", "clipped")
 PROBLEM_KINDS = IMAGE_KINDS + BOX_KINDS
 REPORT_FILE = "ingest_report.json"
@@ -210,8 +221,8 @@ def inspect_image(filesystem: pafs.FileSystem, path: str) -> tuple[int, int, str
 
     Returns ``(width, height, kind, detail)``: the displayed size in pixels (EXIF orientation
     applied, `ssd.image.displayed_size`) and, for a bad
-    file, its problem kind (``missing_file``, ``unreadable``, ``truncated``, ``corrupt``)
-    and what went wrong; kind and detail are empty for a good image.
+    file, its problem kind (``missing_file``, ``unreadable``, ``truncated``, ``too_large``,
+    ``corrupt``) and what went wrong; kind and detail are empty for a good image.
     """
     try:
         with filesystem.open_input_file(path) as handle:
@@ -223,17 +234,28 @@ def inspect_image(filesystem: pafs.FileSystem, path: str) -> tuple[int, int, str
     try:
         with Image.open(io.BytesIO(data)) as image:
             stored_width, stored_height = image.size
+            if stored_width * stored_height > MAX_PIXELS:
+                pixels = stored_width * stored_height
+                return 0, 0, "too_large", _too_large(f"{stored_width}x{stored_height} = {pixels:,} pixels")
             width, height = displayed_size(image)  # annotations are drawn on the displayed image
             image.draft(None, (max(1, stored_width // _DRAFT_SCALE), max(1, stored_height // _DRAFT_SCALE)))
             image.load()
     except UnidentifiedImageError:
         return 0, 0, "unreadable", f"not an image PIL can identify ({len(data)} bytes)"
-    except Image.DecompressionBombError as exc:
-        return 0, 0, "unreadable", str(exc)
+    except Image.DecompressionBombError as exc:  # refused by PIL at open, from the header
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        return 0, 0, "too_large", _too_large(f"{int(pixels[1]):,} pixels" if pixels else "the image")
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         kind = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         return 0, 0, kind, f"decoding failed: {exc}"
     return int(width), int(height), "", ""
+
+
+def _too_large(size: str) -> str:
+    return (
+        f"{size} is more than the {MAX_PIXELS:,} pixels an image may have (a decompression bomb, "
+        "or a scan to tile first); refused from its header, nothing decoded"
+    )
 
 
 def check_images_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> dict[str, np.ndarray]:
