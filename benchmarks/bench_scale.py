@@ -287,19 +287,14 @@ def measure(annotation_file: Path, out: Path, preset: str) -> dict[str, Any]:
 def stored_input_difference(pool: list[Path], size: int) -> tuple[float, float]:
     """Mean and largest |difference| (levels of 255) between the network inputs of the pool's
     photos and the JPEGs prepared samples store of them, decoded as training decodes them."""
-    import torch
-    from torchvision.io import decode_jpeg
-
-    from pipelines.data.samples import encode_jpeg, read_image
+    from pipelines.data.samples import decode_input, encode_jpeg, read_image
     from ssd.image import network_input
 
     means, largest = [], 0
     for path in pool:
         direct = network_input(read_image(str(path), reduce_to=size), size)  # [3, S, S]
-        stored = decode_jpeg(
-            torch.frombuffer(bytearray(encode_jpeg(direct.transpose(1, 2, 0))), dtype=torch.uint8)
-        )
-        difference = np.abs(stored.numpy().astype(np.int16) - direct)
+        stored = decode_input(encode_jpeg(direct.transpose(1, 2, 0)))
+        difference = np.abs(stored.astype(np.int16) - direct)
         means.append(difference.mean())
         largest = max(largest, int(difference.max()))
     return float(np.mean(means)), float(largest)

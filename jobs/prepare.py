@@ -12,8 +12,10 @@ from jobs.options import add_config_arguments, config_from_args, run_job
 
 DESCRIPTION = """Validate a detection dataset (COCO annotation file, Pascal VOC root or image
 folder, local path or URI), match every image to the preset's default boxes on Ray workers,
-and write non-augmented samples to OUT/<split>/*.parquet with OUT/manifest.json and a
-validation report per split. A second run with the same source and sample-relevant config
+and write non-augmented samples to OUT/<split>/*.parquet (compact: the network input as a
+JPEG, each default box's match; fewer bytes than a 640x480 source JPEG at SSD300) with
+OUT/manifest.json and a validation report per split (bad images are named and counted,
+the rest prepared). A second run with the same source and sample-relevant config
 reuses the files."""
 
 

@@ -24,8 +24,8 @@ __all__ = ["RUN_FILE", "Interrupted", "TrainRunError", "add_arguments", "main", 
 DESCRIPTION = """Train an SSD with Ray Train: N DDP workers (gloo on CPU, NCCL on GPU), fed by a
 Ray Data pipeline that decodes, augments and matches images on CPU workers. SOURCE is a COCO
 annotation file, a Pascal VOC root, or a folder of samples written by `rayssd prepare`
-(trained from as they are: no decoding, resizing or matching; refused when prepared for
-another preset or class list). Without augmentation (data.augment=false) a source is
+(no resizing or matching: CPU workers decode each stored input-sized JPEG and gather its
+targets from the stored matches; refused when prepared for another preset or class list). Without augmentation (data.augment=false) a source is
 prepared once into STORAGE/samples/ (data.cache) and every epoch, and every later run on
 the same data and preset, reads those samples back. Each epoch is reported and checkpointed
 (model, optimiser, step, full config); a lost worker or node restarts the run from the last

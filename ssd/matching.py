@@ -114,6 +114,37 @@ def match(gt_boxes: Tensor, default_boxes: Tensor, iou_threshold: float = IOU_TH
     return match_batch(boxes, valid, default_boxes, iou_threshold)[0]
 
 
+def match_ground_truth(
+    gt_boxes: Sequence[Tensor],
+    gt_labels: Sequence[Tensor],
+    default_boxes: Tensor,
+    iou_threshold: float = IOU_THRESHOLD,
+    matcher: BatchMatcher | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Match a batch of images' ground truth to the default boxes.
+
+    Arguments as `encode_targets_batch`. Returns matches Tensor[B, A] int64 (the index of
+    each default box's ground truth in its image, -1 = background) and the padded boxes
+    Tensor[B, N, 4] and labels Tensor[B, N] that `targets_from_matches` encodes.
+    Raises ValueError for a box with no area, naming the image and box index.
+    """
+    boxes, labels, valid = pad_ground_truth(gt_boxes, gt_labels)
+    boxes = boxes.to(default_boxes)  # dtype and device of the default boxes
+    labels, valid = labels.to(default_boxes.device), valid.to(default_boxes.device)
+    bad = valid & ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1]))
+    if bool(bad.any()):
+        image, box = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"ground-truth box {box} of image {image} has no area: {boxes[image, box].tolist()} "
+            "(expected x2 > x1 and y2 > y1)"
+        )
+    if matcher is None:
+        matches = match_batch(boxes, valid, default_boxes, iou_threshold)
+    else:
+        matches = matcher.match_batch(boxes, valid)
+    return matches, boxes, labels
+
+
 def encode_targets_batch(
     gt_boxes: Sequence[Tensor],
     gt_labels: Sequence[Tensor],
@@ -131,20 +162,7 @@ def encode_targets_batch(
     Tensor[B, A, 4] float (encoded offsets, 0 for background).
     Raises ValueError for a box with no area, naming the image and box index.
     """
-    boxes, labels, valid = pad_ground_truth(gt_boxes, gt_labels)
-    boxes = boxes.to(default_boxes)  # dtype and device of the default boxes
-    labels, valid = labels.to(default_boxes.device), valid.to(default_boxes.device)
-    bad = valid & ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1]))
-    if bool(bad.any()):
-        image, box = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"ground-truth box {box} of image {image} has no area: {boxes[image, box].tolist()} "
-            "(expected x2 > x1 and y2 > y1)"
-        )
-    if matcher is None:
-        matches = match_batch(boxes, valid, default_boxes, iou_threshold)
-    else:
-        matches = matcher.match_batch(boxes, valid)
+    matches, boxes, labels = match_ground_truth(gt_boxes, gt_labels, default_boxes, iou_threshold, matcher)
     return targets_from_matches(matches, boxes, labels, default_boxes)
 
 

@@ -1,9 +1,11 @@
 """Matched, non-augmented samples written once, reused by any later run while nothing changed.
 
-`prepare` writes ``OUT/<split>/*.parquet`` with the rows of `pipelines.data.samples` (image
-uint8 [3, S, S], cls_targets, loc_targets, image_id, width, height, and the source's boxes,
-labels and ignore flags for evaluation); ``OUT/reports/<split>/ingest_report.json`` the
-validation report; ``OUT/manifest.json`` what they were made from:
+`prepare` writes ``OUT/<split>/*.parquet`` with the compact rows of `pipelines.data.samples`
+(image_id, width, height, the network input as JPEG ``image_jpeg``, each default box's match
+``matches`` int16 [A] with the ``target_boxes`` / ``target_labels`` it indexes, and the
+source's boxes, labels and ignore flags for evaluation; zstd-compressed Parquet: fewer bytes
+per image than a 640x480 source JPEG at SSD300); ``OUT/reports/<split>/ingest_report.json``
+the validation report; ``OUT/manifest.json`` what they were made from:
 
 * ``source_fingerprint`` — sha256 over the annotation files and the (path, size, mtime) of
   every file under the source's root, so an edited label or a replaced image is noticed
@@ -14,8 +16,9 @@ validation report; ``OUT/manifest.json`` what they were made from:
 * per split: rows, Parquet files, problems found at ingest, the split's `DatasetInfo`.
 
 `open_prepared` reads such a folder back as a data source: `rayssd train --data OUT` trains
-from it with no decoding, resizing or matching, after `PreparedSamples.check` made sure the
-samples fit the run's config. This folder is the only sample cache: `rayssd train` without
+from it with no resizing or matching (`PreparedSamples.dataset`: a small JPEG decoded and the
+targets gathered from the matches, on CPU workers), after `PreparedSamples.check` made sure
+the samples fit the run's config. This folder is the only sample cache: `rayssd train` without
 augmentation prepares its source into ``STORAGE/samples/`` the same way (`data.cache`).
 """
 
@@ -43,8 +46,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # 2: samples keep the source's boxes, labels and ignore flags; 3: images as shown (EXIF
-# orientation), JPEGs decoded at a reduced scale (`ssd.image.reduce_for`)
-FORMAT_VERSION = 3
+# orientation), JPEGs decoded at a reduced scale (`ssd.image.reduce_for`); 4: compact (the
+# input as JPEG, matches instead of targets), zstd
+FORMAT_VERSION = 4
+PARQUET_COMPRESSION = "zstd"
 
 
 def sample_hash(cfg: C.Config) -> str:
@@ -174,9 +179,9 @@ def prepare(
         split_cfg = with_classes(cfg, info.class_names)
         workers = max(1, min(2, ds.num_blocks()))  # a task per block at most
         samples = preprocess(
-            ds, split_cfg, train=False, batch_size=batch_size, workers=workers, annotations=True
+            ds, split_cfg, train=False, batch_size=batch_size, workers=workers, annotations=True, compact=True
         )
-        samples.write_parquet(str(split_dir))
+        samples.write_parquet(str(split_dir), compression=PARQUET_COMPRESSION)
         rows, files = _parquet_rows(split_dir)
         manifest["splits"][name] = {
             "rows": rows,
@@ -299,19 +304,29 @@ class PreparedSamples:
             )
         return wanted
 
-    def dataset(self, split: str, *, targets: bool = True) -> Any:
-        """The split's samples as a lazy `ray.data.Dataset`; `targets=False` reads the network
-        inputs only (evaluation: no matching targets are read)."""
+    def read(self, split: str, *, targets: bool = True) -> Any:
+        """The split's compact rows as written (`pipelines.data.samples.COMPACT_COLUMNS`, and
+        with `targets` the `MATCH_COLUMNS`), a lazy `ray.data.Dataset`; `expand` them, or
+        use `dataset`."""
         import ray
 
-        from pipelines.data.samples import INPUT_COLUMNS, TARGET_COLUMNS
+        from pipelines.data.samples import COMPACT_COLUMNS, MATCH_COLUMNS
 
-        columns = list(INPUT_COLUMNS) + (list(TARGET_COLUMNS) if targets else [])
+        columns = list(COMPACT_COLUMNS) + (list(MATCH_COLUMNS) if targets else [])
         files = int(self.manifest["splits"][split]["files"])
         # One block per file, as `prepare` wrote them (blocks of the source's rows): the same
         # blocks, so the same shards and batches, as a run that preprocesses the source.
         ds = ray.data.read_parquet(str(self.root / split), override_num_blocks=files)
         return ds.select_columns(columns)
+
+    def dataset(self, split: str, *, targets: bool = True, workers: int = 1, num_cpus: float = 1.0) -> Any:
+        """The split's samples as a lazy `ray.data.Dataset` with the columns `preprocess`
+        gives (`pipelines.data.samples.expand`); `targets=False` reads and gives the network
+        inputs only (evaluation: no matches are read)."""
+        from pipelines.data.samples import expand
+
+        rows = self.read(split, targets=targets)
+        return expand(rows, self.cfg, targets=targets, workers=workers, num_cpus=num_cpus)
 
     def ground_truth(self, split: str) -> dict:
         """The split's COCO-format ground truth (`coco_ground_truth`), from the samples' own

@@ -8,23 +8,35 @@ uint8 [3, S, S]; training samples add ``cls_targets`` int16 [A] and ``loc_target
 float32 [A, 4] (matched to the default boxes), and prepared samples keep the row's
 ``boxes``, ``labels`` and ``ignore`` for evaluation. Network inputs (evaluation) skip the
 matching altogether.
+
+Prepared samples (`pipelines.data.prepare`) are written compact and expanded as they are
+read: the input image JPEG-encoded (``image_jpeg``: quality 95, no chroma subsampling; at
+300 px from 640x480 photos about two thirds of the source JPEG's bytes and on average 1.2
+levels of 255 from the pixels it encodes, `benchmarks.bench_scale`) and, instead of the
+targets, ``matches`` int16 [A] (each default box's index into ``target_boxes`` float32
+[M, 4] / ``target_labels`` int32 [M], the boxes matching was given; -1 = background).
+`expand` turns them back into the same ``image`` / ``cls_targets`` / ``loc_targets``
+columns on CPU workers: a JPEG decode and a gather per sample.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow.fs
 import torch
+from PIL import Image
 
 from pipelines.common import ACTOR_NAMESPACE, keep_freed_memory
 from ssd import config as C
 from ssd.anchors import default_boxes
 from ssd.grid_matching import GridMatcher
 from ssd.image import decode_image
-from ssd.matching import encode_targets_batch
+from ssd.matching import match_ground_truth, pad_ground_truth, targets_from_matches
 from ssd.transforms import eval_transform, rng_for, train_transform
 
 log = logging.getLogger(__name__)
@@ -33,6 +45,9 @@ INPUT_COLUMNS = ("image_id", "width", "height", "image")  # network inputs
 _ROW_KEYS = ("image_id", "path", "width", "height", "boxes", "labels", "ignore")  # what a sample reads
 TARGET_COLUMNS = ("cls_targets", "loc_targets")  # training samples add these
 ANNOTATION_COLUMNS = ("boxes", "labels", "ignore")  # prepared samples add these
+COMPACT_COLUMNS = ("image_id", "width", "height", "image_jpeg")  # prepared network inputs
+MATCH_COLUMNS = ("matches", "target_boxes", "target_labels")  # prepared targets
+JPEG_QUALITY = 95  # prepared images: with no chroma subsampling (see the module docstring)
 
 
 def read_image(path: str, reduce_to: int | None = None) -> np.ndarray:
@@ -59,7 +74,8 @@ class SamplePreprocessor:
     (seed, epoch, image_id) — so a run repeats exactly — or the deterministic
     `eval_transform`, then matches and encodes the whole batch at once (unless `targets`
     is False: network inputs only). Boxes flagged ``ignore`` (COCO crowd, VOC difficult)
-    are left out of the targets; `annotations` passes the row's boxes through unchanged.
+    are left out of the targets; `annotations` passes the row's boxes through unchanged;
+    `compact` writes prepared samples: the image as JPEG and the matches, not the targets.
     """
 
     def __init__(
@@ -70,10 +86,11 @@ class SamplePreprocessor:
         threads: int = 1,
         targets: bool = True,
         annotations: bool = False,
+        compact: bool = False,
     ):
         self.cfg = C.from_dict(config)
         self.train = train and self.cfg.data.augment
-        self.targets, self.annotations = targets, annotations
+        self.targets, self.annotations, self.compact = targets, annotations, compact
         self.epoch = 0
         # an int fixes the epoch; a str names an `EpochClock` actor the training loop advances
         # (looked up by name on every call: a resumed run makes a new actor of the same name)
@@ -115,19 +132,100 @@ class SamplePreprocessor:
             "image_id": np.asarray(batch["image_id"], dtype=np.int64),
             "width": np.asarray(batch["width"], dtype=np.int64),
             "height": np.asarray(batch["height"], dtype=np.int64),
-            "image": np.stack([np.ascontiguousarray(s[0].transpose(2, 0, 1)) for s in samples]),  # [B,3,S,S]
         }
+        if self.compact:
+            out["image_jpeg"] = _objects([encode_jpeg(s[0]) for s in samples])
+        else:
+            out["image"] = np.stack([np.ascontiguousarray(s[0].transpose(2, 0, 1)) for s in samples])
         if self.targets:
             boxes = [torch.from_numpy(np.ascontiguousarray(s[1], dtype=np.float32)) for s in samples]
             labels = [torch.from_numpy(np.ascontiguousarray(s[2], dtype=np.int64)) for s in samples]
-            cls_targets, loc_targets = encode_targets_batch(
+            matches, padded_boxes, padded_labels = match_ground_truth(
                 boxes, labels, self.default_boxes, self.cfg.train.iou_threshold, self.matcher
             )
-            out["cls_targets"] = cls_targets.numpy().astype(self.cls_dtype)
-            out["loc_targets"] = loc_targets.numpy()
+            if self.compact:
+                out.update(_compact_matches(matches, boxes, labels, rows))
+            else:
+                cls_targets, loc_targets = targets_from_matches(
+                    matches, padded_boxes, padded_labels, self.default_boxes
+                )
+                out["cls_targets"] = cls_targets.numpy().astype(self.cls_dtype)
+                out["loc_targets"] = loc_targets.numpy()
         if self.annotations:
             for key in ANNOTATION_COLUMNS:
                 out[key] = batch[key]
+        return out
+
+
+def _objects(items: list[Any]) -> np.ndarray:
+    """A 1-D object array of `items` (bytes, or arrays of differing shapes), one per row."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def encode_jpeg(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] RGB -> JPEG bytes at `JPEG_QUALITY`, full-resolution chroma."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return buffer.getvalue()
+
+
+def decode_input(data: bytes) -> np.ndarray:
+    """JPEG bytes from `encode_jpeg` -> uint8 [3, H, W] (PIL's libjpeg-turbo decoder)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
+
+
+def _compact_matches(
+    matches: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor], rows: list[dict]
+) -> dict[str, np.ndarray]:
+    """The prepared form of a batch's targets (`MATCH_COLUMNS`)."""
+    limit = np.iinfo(np.int16).max
+    for row, image_boxes in zip(rows, boxes):
+        if image_boxes.shape[0] > limit:
+            raise ValueError(
+                f"image {row['image_id']} ({row['path']}) has {image_boxes.shape[0]} boxes; prepared "
+                f"samples hold at most {limit} per image"
+            )
+    return {
+        "matches": matches.numpy().astype(np.int16),
+        "target_boxes": _objects([b.numpy().reshape(-1, 4) for b in boxes]),
+        "target_labels": _objects([lab.numpy().astype(np.int32) for lab in labels]),
+    }
+
+
+class SampleExpander:
+    """A batch of prepared (compact) samples -> the samples `SamplePreprocessor` makes.
+
+    ``image_jpeg`` is decoded to ``image`` uint8 [3, S, S] (`decode_input`); with `targets`,
+    ``matches`` and the target boxes become ``cls_targets`` and ``loc_targets`` by
+    `ssd.matching.targets_from_matches`, exactly as when they were matched.
+    """
+
+    def __init__(self, config: dict[str, Any], targets: bool = True):
+        self.cfg = C.from_dict(config)
+        self.targets = targets
+        self.default_boxes = default_boxes(self.cfg) if targets else None
+        self.cls_dtype = class_target_dtype(self.cfg.model.num_classes)
+        torch.set_num_threads(1)
+        keep_freed_memory()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [decode_input(data) for data in batch["image_jpeg"]]
+        out = {key: np.asarray(batch[key], dtype=np.int64) for key in ("image_id", "width", "height")}
+        size = self.cfg.model.image_size
+        out["image"] = np.stack(images) if images else np.zeros((0, 3, size, size), dtype=np.uint8)
+        if self.targets:
+            boxes = [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in batch["target_boxes"]]
+            labels = [torch.as_tensor(n, dtype=torch.int64).reshape(-1) for n in batch["target_labels"]]
+            padded_boxes, padded_labels, _ = pad_ground_truth(boxes, labels)
+            matches = torch.from_numpy(np.asarray(batch["matches"], dtype=np.int64))
+            cls_targets, loc_targets = targets_from_matches(
+                matches, padded_boxes.to(self.default_boxes), padded_labels, self.default_boxes
+            )
+            out["cls_targets"] = cls_targets.numpy().astype(self.cls_dtype)
+            out["loc_targets"] = loc_targets.numpy()
         return out
 
 
@@ -165,37 +263,39 @@ def _clock_handle(name: str) -> Any:
         ) from exc
 
 
-_PREPROCESSORS: dict[str, SamplePreprocessor] = {}  # per worker process: see `preprocess_batch`
-_KEEP_PREPROCESSORS = 4
+_WORKERS: dict[str, Callable] = {}  # per worker process: see `preprocess_batch`
+_KEEP_WORKERS = 4
 
 
-def preprocess_batch(
-    batch: dict[str, np.ndarray],
-    *,
-    config: dict[str, Any],
-    train: bool,
-    epoch: int | str,
-    targets: bool,
-    annotations: bool,
-) -> dict[str, np.ndarray]:
-    """`SamplePreprocessor` as a Ray task: the preprocessor is built once per worker process
-    and settings, then reused by every later task there (Ray keeps task workers alive).
+def _cached(factory: Callable[..., Callable], **settings: Any) -> Callable:
+    """The worker process's `factory(**settings)`, built on first use and kept (a few)."""
+    import json
+
+    key = json.dumps([factory.__name__, settings], sort_keys=True)
+    worker = _WORKERS.get(key)
+    if worker is None:
+        while len(_WORKERS) >= _KEEP_WORKERS:
+            _WORKERS.pop(next(iter(_WORKERS)))
+        worker = _WORKERS[key] = factory(**settings)
+    return worker
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], **settings: Any) -> dict[str, np.ndarray]:
+    """`SamplePreprocessor(**settings)` as a Ray task: the preprocessor is built once per
+    worker process and settings, then reused by every later task there (Ray keeps task
+    workers alive).
 
     Tasks instead of an actor pool because Ray Data starts an actor pool afresh each time a
     dataset runs, and a training run runs its samples once per epoch: new processes that
     import torch and build the default boxes cost seconds per epoch (measured: 4.3 s against
     0.3 s for an epoch of 128 `tiny` samples on 2 cores).
     """
-    import json
+    return _cached(SamplePreprocessor, **settings)(batch)
 
-    key = json.dumps([config, train, epoch, targets, annotations], sort_keys=True)
-    pre = _PREPROCESSORS.get(key)
-    if pre is None:
-        while len(_PREPROCESSORS) >= _KEEP_PREPROCESSORS:
-            _PREPROCESSORS.pop(next(iter(_PREPROCESSORS)))
-        pre = SamplePreprocessor(config, train, epoch=epoch, targets=targets, annotations=annotations)
-        _PREPROCESSORS[key] = pre
-    return pre(batch)
+
+def expand_batch(batch: dict[str, np.ndarray], **settings: Any) -> dict[str, np.ndarray]:
+    """`SampleExpander(**settings)` as a Ray task, built once per process as `preprocess_batch`."""
+    return _cached(SampleExpander, **settings)(batch)
 
 
 def preprocess(
@@ -209,13 +309,15 @@ def preprocess(
     num_cpus: float = 1.0,
     targets: bool = True,
     annotations: bool = False,
+    compact: bool = False,
 ) -> Any:
     """Lazily map a source `ray.data.Dataset` to samples (see module docstring).
 
     `epoch` is a fixed epoch or the name of an `EpochClock`; at most `workers` tasks run at
     once (`preprocess_batch`), each taking `num_cpus`, which may be fractional to share CPUs
     with co-located trainers. `targets=False` gives network inputs only (no matching:
-    evaluation); `annotations` keeps the rows' boxes (prepared samples).
+    evaluation); `annotations` keeps the rows' boxes and `compact` writes the images as JPEG
+    and the matches instead of the targets (both: prepared samples).
     """
     from ray.data import TaskPoolStrategy
 
@@ -227,7 +329,38 @@ def preprocess(
             "epoch": epoch,
             "targets": targets,
             "annotations": annotations,
+            "compact": compact,
         },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=TaskPoolStrategy(size=workers),
+        num_cpus=num_cpus,
+    )
+
+
+def expanded_sample_bytes(cfg: C.Config) -> int:
+    """Bytes one expanded training sample takes (image, targets, ids)."""
+    size, anchors = cfg.model.image_size, cfg.anchors.num_default_boxes()
+    return 3 * size * size + anchors * (class_target_dtype(cfg.model.num_classes).itemsize + 16) + 24
+
+
+def expand(
+    ds: Any,
+    cfg: C.Config,
+    *,
+    targets: bool = True,
+    batch_size: int = 32,
+    workers: int = 2,
+    num_cpus: float = 1.0,
+) -> Any:
+    """Lazily map prepared (compact) samples to the samples `preprocess` makes: network
+    inputs, and with `targets` the training targets (see the module docstring). At most
+    `workers` tasks at once, each taking `num_cpus` (fractional beside trainers)."""
+    from ray.data import TaskPoolStrategy
+
+    return ds.map_batches(
+        expand_batch,
+        fn_kwargs={"config": C.to_dict(cfg), "targets": targets},
         batch_size=batch_size,
         batch_format="numpy",
         compute=TaskPoolStrategy(size=workers),

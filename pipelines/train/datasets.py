@@ -2,9 +2,12 @@
 
 From a source (COCO file, VOC root) or from prepared samples (`pipelines.data.prepare`):
 
-* prepared samples (``--data OUT`` of `rayssd prepare`) are read as they are: no decoding,
-  resizing or matching; `PreparedSamples.check` refuses samples made for another preset or
-  class list;
+* prepared samples (``--data OUT`` of `rayssd prepare`) are read once into Ray's object
+  store as written (compact: the input as a small JPEG, the matches) and expanded by CPU
+  workers (`pipelines.data.samples.expand`: a JPEG decode and a gather of the targets, no
+  resizing or matching): once, before training, when the expanded samples fit in half of
+  the object store, else during every epoch; `PreparedSamples.check` refuses samples made
+  for another preset or class list;
 * without augmentation (``data.augment=false``) and with ``data.cache`` a source is prepared
   once into ``STORAGE/samples/`` and read back the same way, by this run and any later one
   (`prepare` notices a changed source or config and rebuilds);
@@ -29,13 +32,14 @@ from typing import Any
 
 from pipelines.data.datasets import DatasetInfo, coco_ground_truth, read_dataset
 from pipelines.data.prepare import PreparedSamples, open_prepared, prepare, sample_hash
-from pipelines.data.samples import preprocess
+from pipelines.data.samples import expand, expanded_sample_bytes, preprocess
 from pipelines.data.sources import Probe
 from ssd import config as C
 from ssd.config import with_classes
 
 log = logging.getLogger(__name__)
 
+EXPAND_ONCE_SHARE = 0.5  # expanded training samples kept in the object store up to this share of it
 CACHE_FOLDER = "samples"  # STORAGE/samples/<source>-<digest>: the prepared samples of a source
 
 
@@ -107,7 +111,7 @@ def training_data(
         cfg = prepared.check(cfg)
         split = prepared.split_for("train")
         info = prepared.info(split)
-        samples = _into_object_store(prepared.dataset(split), prepared.root / split)
+        samples = _expanded(prepared, split, cfg, data_cpus)
     else:
         rows, info, _ = read_dataset(data.probe, split=None if val_data else "train", **_split_args(cfg))
         cfg = with_classes(cfg, info.class_names)
@@ -128,7 +132,7 @@ def training_data(
         split = val.split_for("val")
         val_info, inputs, ground_truth = (
             val.info(split),
-            val.dataset(split, targets=False),
+            val.dataset(split, targets=False, num_cpus=data_cpus),
             val.ground_truth(split),
         )
     else:
@@ -165,6 +169,37 @@ def _into_object_store(samples: Any, where: Path) -> Any:
     samples.context.execution_options.preserve_order = True
     samples = samples.materialize()
     log.info("read the prepared samples of %s in %.1f s", where, time.perf_counter() - start)
+    return samples
+
+
+def expand_once(rows: int, cfg: C.Config, object_store_bytes: float) -> bool:
+    """Whether `rows` expanded samples fit in `EXPAND_ONCE_SHARE` of the object store."""
+    return rows * expanded_sample_bytes(cfg) <= EXPAND_ONCE_SHARE * object_store_bytes
+
+
+def _expanded(prepared: PreparedSamples, split: str, cfg: C.Config, data_cpus: float) -> Any:
+    """The split's training samples: its compact rows read into the object store, expanded
+    there once when that fits (`expand_once`: each epoch then only reads them, as fast as
+    training can go), else expanded by CPU workers during every epoch."""
+    import ray
+
+    compact = _into_object_store(prepared.read(split), prepared.root / split)
+    rows, store = prepared.rows(split), ray.cluster_resources().get("object_store_memory", 0.0)
+    once = expand_once(rows, cfg, store)
+    workers = max(1, min(2, compact.num_blocks()))  # a task per block at most
+    samples = expand(compact, cfg, targets=True, workers=workers, num_cpus=1.0 if once else data_cpus)
+    samples.context.execution_options.preserve_order = True  # the same batches every run
+    gib = rows * expanded_sample_bytes(cfg) / 2**30
+    if once:  # now, while no trainer holds CPUs
+        start = time.perf_counter()
+        samples = samples.materialize()
+        log.info("expanded %d samples (%.2f GiB) once in %.1f s", rows, gib, time.perf_counter() - start)
+    else:
+        print(
+            f"{rows} expanded samples would take {gib:.1f} GiB, more than {EXPAND_ONCE_SHARE:.0%} of the "
+            f"object store ({store / 2**30:.1f} GiB): CPU workers expand them during every epoch",
+            flush=True,
+        )
     return samples
 
 

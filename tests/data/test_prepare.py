@@ -1,14 +1,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipelines.data.builtin import write_builtin
-from pipelines.data.prepare import prepare, sample_hash
+from pipelines.data.prepare import open_prepared, prepare, sample_hash
 from ssd import config as C
 from ssd.anchors import default_boxes
 from ssd.config import with_classes
@@ -44,7 +47,7 @@ def test_prepared_targets_equal_direct_matching(ray_local, builtin, tmp_path):
     source = str(builtin / "annotations" / "instances_val.json")
     result = prepare(source, tmp_path / "p", C.preset("tiny"), splits=(None,))
     cfg = C.from_dict(result.manifest["config"])
-    table = pq.read_table(str(tmp_path / "p" / "all")).to_pandas()
+    table = pd.DataFrame(open_prepared(tmp_path / "p").dataset("all").take_all())
     coco = json.loads((builtin / "annotations" / "instances_val.json").read_text())
     cat_to_label = {c["id"]: i + 1 for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
     images = {im["id"]: im for im in coco["images"]}
@@ -62,11 +65,7 @@ def test_prepared_targets_equal_direct_matching(ray_local, builtin, tmp_path):
         labels = torch.tensor([cat_to_label[a["category_id"]] for a in anns])
         cls_t, loc_t = encode_targets(boxes, labels, default_boxes(cfg))
         assert np.array_equal(np.asarray(row["cls_targets"]), cls_t.numpy())
-        np.testing.assert_allclose(
-            np.stack(row["loc_targets"]) if row["loc_targets"].dtype == object else row["loc_targets"],
-            loc_t.numpy(),
-            atol=1e-5,
-        )
+        np.testing.assert_allclose(row["loc_targets"], loc_t.numpy(), atol=1e-5)
 
 
 def test_prepare_cli_reports_and_reuses(ray_local, builtin, tmp_path):
@@ -150,3 +149,55 @@ def test_prepared_samples_carry_the_ground_truth_and_refuse_another_config(ray_l
     (out / "val" / sorted(p.name for p in (out / "val").glob("*.parquet"))[0]).unlink()
     with pytest.raises(ValueError, match="changed after prepare"):
         open_prepared(out)
+
+
+def test_photos_prepare_compact_beside_bad_inputs_and_expand_to_the_direct_samples(ray_local, tmp_path):
+    """A COCO-shaped set of real 640x480 photos at SSD300, with a truncated JPEG, a missing
+    image and a pixel bomb inside (`benchmarks.bench_scale`, as at 118k images)."""
+    from benchmarks.bench_scale import coco_set, photo_pool, pixel_bomb
+    from pipelines.data.datasets import read_dataset
+    from pipelines.data.samples import preprocess
+
+    pool = photo_pool(tmp_path / "pool", count=4)
+    annotations, bad = coco_set(tmp_path / "coco", 12, pool, pixel_bomb(tmp_path / "bomb.png"))
+    cfg = C.preset("ssd300_vgg16")
+    result = prepare(annotations, tmp_path / "p", cfg, splits=(None,))
+    report = json.loads(Path(result.splits["all"]["report"]).read_text())
+    assert {(e["kind"], Path(e["file"]).name) for e in report["entries"]} == set(bad.items())
+    assert "too_large" in bad and "20000x20000" not in str(report)  # refused from the count alone
+    [bomb] = [e["detail"] for e in report["entries"] if e["kind"] == "too_large"]
+    assert bomb.startswith("400,000,000 pixels is more than the 178,956,970")
+    assert result.splits["all"]["rows"] == 9 and report["counts"]["too_large"] == 1
+
+    written = pq.read_table(str(tmp_path / "p" / "all"))
+    assert "image" not in written.column_names and "cls_targets" not in written.column_names
+    assert written.column("image_jpeg").type == pa.binary()
+    assert written.schema.field("matches").type.value_type == pa.int16()
+    per_image = sum(f.stat().st_size for f in (tmp_path / "p" / "all").glob("*.parquet")) / 9
+    source = np.mean([p.stat().st_size for p in pool])
+    assert per_image < 0.8 * source  # the goal is <= 1x: fewer bytes than the photos themselves
+
+    prepared = {r["image_id"]: r for r in open_prepared(tmp_path / "p").dataset("all").take_all()}
+    rows, info, _ = read_dataset(annotations)
+    direct = preprocess(rows, with_classes(cfg, info.class_names), train=False, workers=1).take_all()
+    assert sorted(prepared) == sorted(r["image_id"] for r in direct)
+    for row in direct:
+        got = prepared[row["image_id"]]
+        assert got["cls_targets"].dtype == row["cls_targets"].dtype
+        assert np.array_equal(got["cls_targets"], row["cls_targets"]) and (row["cls_targets"] > 0).any()
+        np.testing.assert_array_equal(got["loc_targets"], row["loc_targets"])  # the same gather
+        difference = np.abs(got["image"].astype(np.int16) - row["image"])
+        assert got["image"].shape == (3, 300, 300) and difference.mean() < 1.5 and difference.max() < 48
+
+
+def test_training_expands_prepared_samples_once_only_where_they_fit_in_half_the_object_store():
+    from pipelines.data.samples import expanded_sample_bytes
+    from pipelines.train.datasets import expand_once
+
+    ssd300 = C.preset("ssd300_vgg16")
+    assert ssd300.anchors.num_default_boxes() == 8732
+    assert expanded_sample_bytes(ssd300) == 3 * 300 * 300 + 8732 * (2 + 16) + 24  # int16 classes
+    store = 7 * 2**30  # Ray's default on 24 GiB: 30 % of the memory
+    assert expand_once(12_000, C.preset("tiny"), store)  # the quickstart: read, not decoded, each epoch
+    assert expand_once(8_000, ssd300, store) and not expand_once(9_000, ssd300, store)
+    assert not expand_once(118_000, ssd300, store)  # COCO: decoded by CPU workers each epoch

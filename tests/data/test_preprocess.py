@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.data.samples import SamplePreprocessor, preprocess
+from pipelines.data.samples import SampleExpander, SamplePreprocessor, decode_input, encode_jpeg, preprocess
 from ssd import config as C
 from ssd.anchors import default_boxes
 from ssd.matching import encode_targets
@@ -142,3 +142,35 @@ def test_an_epoch_clock_reseeds_augmentation_per_epoch_and_repeats_an_epoch(ray_
 def test_a_missing_epoch_clock_is_named_in_the_error(ray_local):
     with pytest.raises(ValueError, match="no-such-clock"):
         SamplePreprocessor(C.to_dict(CFG), train=True, epoch="no-such-clock")
+
+
+def test_compact_samples_expand_to_the_same_targets_with_and_without_boxes(tmp_path):
+    rows = make_rows(tmp_path, count=4)  # 0, 1, 2 and 3 boxes (one a crowd box)
+    batch = {key: np.array([r[key] for r in rows] + [None], dtype=object)[:-1] for key in rows[0]}
+    config = C.to_dict(CFG)
+    compact = SamplePreprocessor(config, train=False, compact=True)(batch)
+    assert set(compact) == {
+        "image_id",
+        "width",
+        "height",
+        "image_jpeg",
+        "matches",
+        "target_boxes",
+        "target_labels",
+    }
+    assert compact["matches"].dtype == np.int16 and compact["matches"].shape == (
+        4,
+        CFG.anchors.num_default_boxes(),
+    )
+    assert [len(b) for b in compact["target_boxes"]] == [0, 1, 2, 2]  # crowd boxes are no targets
+    expanded = SampleExpander(config)(compact)
+    for i, row in enumerate(rows):
+        image, cls_t, loc_t = expected_targets(row)
+        assert np.array_equal(expanded["cls_targets"][i], cls_t) and expanded["cls_targets"].dtype == np.int16
+        np.testing.assert_allclose(expanded["loc_targets"][i], loc_t, rtol=0, atol=1e-6)
+        assert np.array_equal(expanded["image"][i], decode_input(encode_jpeg(image.transpose(1, 2, 0))))
+    assert not (expanded["cls_targets"][0] > 0).any() and (expanded["cls_targets"][1] > 0).any()
+    inputs = SampleExpander(config, targets=False)(
+        {k: compact[k] for k in ("image_id", "width", "height", "image_jpeg")}
+    )
+    assert set(inputs) == {"image_id", "width", "height", "image"}
