@@ -9,8 +9,9 @@ label k is the k-th of them, counting from 1.
 
 ``CocoEvaluator`` follows the streaming pattern of torchvision's reference evaluator:
 ``update`` is fed per batch and only keeps a compact [M, 7] array of results, and
-``summarize`` runs ``COCOeval`` once over everything gathered. No AP arithmetic is done
-here; every number comes from pycocotools.
+``summarize`` runs ``COCOeval`` once over everything gathered. No COCO AP arithmetic is
+done here; every COCO number comes from pycocotools. Beside them ``summarize`` reports the
+Pascal VOC AP@0.5 of the same detections (VOC2007 11-point and all-point, `ssd.voc_eval`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from ssd.voc_eval import voc_average_precision
 
 logger = logging.getLogger(__name__)
 
@@ -318,8 +321,10 @@ class CocoEvaluator:
             ``mar_medium``, ``mar_large``) as floats in [0, 1], NaN where the evaluated images
             hold no ground truth of that kind (COCOeval's -1); ``per_class`` and
             ``per_class50``, {category name: AP@[.5:.95] / AP@0.5}, omitting categories with
-            no non-crowd ground truth in the evaluated images; and ``summary_text``, the
-            twelve lines COCOeval would print.
+            no non-crowd ground truth in the evaluated images; ``voc07_map50`` and
+            ``voc_map50``, Pascal VOC's mAP@0.5 (11-point and all-point, crowd boxes as
+            difficult: `ssd.voc_eval.voc_average_precision`) with ``per_class_voc07`` and
+            ``per_class_voc``; and ``summary_text``, the twelve lines COCOeval would print.
         """
         if not self._image_ids:
             raise ValueError("no images were passed to update() or add_results(); nothing to evaluate")
@@ -342,6 +347,10 @@ class CocoEvaluator:
         }
         metrics["per_class"] = self._per_class_ap(iou=None)
         metrics["per_class50"] = self._per_class_ap(iou=0.5)
+        category_ids = coco_eval.params.catIds
+        names = dict(zip(category_ids, self._category_names()))
+        truth = self.coco_gt.loadAnns(self.coco_gt.getAnnIds(imgIds=self.image_ids))
+        metrics.update(voc_average_precision(truth, rows, self.image_ids, names))
         metrics["summary_text"] = summary.getvalue().rstrip("\n")
         return metrics
 

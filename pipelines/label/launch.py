@@ -276,8 +276,14 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
         f"{'mAP@[.5:.95]':16s} {metrics['map']:7.4f}",
         f"{'mAP@0.5':16s} {metrics['map50']:7.4f}",
         f"{'mAP@0.75':16s} {metrics['map75']:7.4f}",
+        f"{'VOC07 mAP@0.5':16s} {metrics['voc07_map50']:7.4f}  (11-point)",
+        f"{'VOC mAP@0.5':16s} {metrics['voc_map50']:7.4f}  (all-point)",
     ]
-    lines += [f"  AP@0.5 {name:16s} {ap:7.4f}" for name, ap in metrics["per_class50"].items()]
+    voc07 = metrics.get("per_class_voc07", {})
+    lines += [
+        f"  AP@0.5 {name:16s} {ap:7.4f}  VOC07 {voc07.get(name, float('nan')):7.4f}"
+        for name, ap in metrics["per_class50"].items()
+    ]
     lines.append(
         f"{metrics['images']} images, {metrics['detections']} detections in {metrics['seconds']:.1f}s "
         f"({metrics['images_per_s']:.1f} images/s)"

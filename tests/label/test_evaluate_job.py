@@ -87,6 +87,8 @@ def test_evaluate_cli_prints_map_and_writes_json(ray_local, builtin, trained, tm
     assert metrics["map50"] == pytest.approx(expected["map50"], abs=1e-6)
     assert metrics["images"] == 24 and set(metrics["per_class50"]) == set(expected["per_class50"])
     assert f"{expected['map50']:7.4f}" in run.stdout
+    assert metrics["voc07_map50"] == pytest.approx(expected["voc07_map50"], abs=1e-6)  # VOC AP beside COCO's
+    assert f"VOC07 mAP@0.5    {expected['voc07_map50']:7.4f}" in run.stdout and "VOC mAP@0.5" in run.stdout
 
 
 def _one_line_error(run: subprocess.CompletedProcess) -> str:
