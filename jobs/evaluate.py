@@ -13,9 +13,10 @@ from typing import Any
 from jobs.options import run_job
 from pipelines.label.launch import EVALUATE_SPLITS, EvaluateOptions, evaluate
 
-DESCRIPTION = """Detect every image of a labelled dataset (COCO annotation file or Pascal VOC root,
-local path or URI) with a trained model on Ray Data workers and score the detections with
-pycocotools: mAP@[.5:.95], mAP@0.5, mAP@0.75 and AP@0.5 per class. MODEL is a checkpoint file
+DESCRIPTION = """Detect every image of a labelled dataset (COCO annotation file, YOLO dataset YAML
+or Pascal VOC root, local path or URI) with a trained model on Ray Data workers and score the
+detections with pycocotools: mAP@[.5:.95], mAP@0.5, mAP@0.75 and AP@0.5 per class, and
+Pascal VOC's AP@0.5 (VOC2007 11-point and all-point). MODEL is a checkpoint file
 (or a folder holding checkpoint.pt), runs:/RUN_ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION.
 A COCO file's train/val split is the seeded fraction split the model was trained with."""
 
@@ -26,13 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         metavar="SOURCE",
-        help="COCO annotation .json or Pascal VOC root (path or URI)",
+        help="COCO annotation .json, YOLO dataset .yaml or Pascal VOC root (path or URI)",
     )
     parser.add_argument(
         "--split",
         choices=EVALUATE_SPLITS,
         help="split to evaluate; 'all' for the whole source (default: all of a COCO file, e.g. a val "
-        "JSON; val of a VOC root)",
+        "JSON; val of a VOC root or YOLO YAML)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=32, metavar="N", help="images per batch (default: 32)"

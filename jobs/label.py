@@ -16,9 +16,10 @@ from pipelines.label.launch import LabelOptions, label
 
 DESCRIPTION = """Label images with a trained model on Ray Data: decoding and resizing run as Ray tasks,
 detection in a pool of model actors. SOURCE is a folder of images (searched recursively; files
-without an image extension are skipped and listed), a COCO annotation file or a Pascal VOC root,
-as a local path or a URI (s3://, gs://, ...). MODEL is a checkpoint file (or a folder holding
-checkpoint.pt), runs:/RUN_ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION. DIR receives
+without an image extension are skipped and listed), a COCO annotation file, a YOLO dataset
+YAML or a Pascal VOC root, as a local path or a URI (s3://, gs://, ...). MODEL is a checkpoint
+file (or a folder holding checkpoint.pt), runs:/RUN_ID/PATH, models:/NAME@ALIAS or
+models:/NAME/VERSION. DIR receives
 labels/*.parquet (one row per image: image_id, path, width, height, boxes [K, 4] xyxy pixels,
 scores, labels, category_ids, category_names), detections.json (COCO results), images.json (COCO
 image info: image id -> path, and the categories), errors.json (images that could not be read, and
@@ -29,7 +30,10 @@ path order. The run is logged to MLflow with the model version it used."""
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="URI", help="checkpoint path or MLflow model URI")
     parser.add_argument(
-        "--input", required=True, metavar="SOURCE", help="image folder, COCO .json or VOC root (path or URI)"
+        "--input",
+        required=True,
+        metavar="SOURCE",
+        help="image folder, COCO .json, YOLO .yaml or VOC root (path or URI)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (path or URI)")
     parser.add_argument(

@@ -10,8 +10,8 @@ import os
 
 from jobs.options import add_config_arguments, config_from_args, run_job
 
-DESCRIPTION = """Validate a detection dataset (COCO annotation file, Pascal VOC root or image
-folder, local path or URI), match every image to the preset's default boxes on Ray workers,
+DESCRIPTION = """Validate a detection dataset (COCO annotation file, YOLO dataset YAML, Pascal
+VOC root or image folder, local path or URI), match every image to the preset's default boxes on Ray workers,
 and write non-augmented samples to OUT/<split>/*.parquet (compact: the network input as a
 JPEG, each default box's match; fewer bytes than a 640x480 source JPEG at SSD300) with
 OUT/manifest.json and a validation report per split (bad images are named and counted,
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         metavar="SOURCE",
-        help="COCO annotation .json, Pascal VOC root, or image folder (path or URI)",
+        help="COCO annotation .json, YOLO dataset .yaml, Pascal VOC root, or image folder (path or URI)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for Parquet shards")
     add_config_arguments(parser)

@@ -23,11 +23,12 @@ __all__ = ["RUN_FILE", "Interrupted", "TrainRunError", "add_arguments", "main", 
 
 DESCRIPTION = """Train an SSD with Ray Train: N DDP workers (gloo on CPU, NCCL on GPU), fed by a
 Ray Data pipeline that decodes, augments and matches images on CPU workers. SOURCE is a COCO
-annotation file, a Pascal VOC root, or a folder of samples written by `rayssd prepare`
-(no resizing or matching: CPU workers decode each stored input-sized JPEG and gather its
-targets from the stored matches; refused when prepared for another preset or class list). Without augmentation (data.augment=false) a source is
-prepared once into STORAGE/samples/ (data.cache) and every epoch, and every later run on
-the same data and preset, reads those samples back. Each epoch is reported and checkpointed
+annotation file, a YOLO dataset YAML, a Pascal VOC root, or a folder of samples written by
+`rayssd prepare` (no resizing or matching: CPU workers decode each stored input-sized JPEG
+and gather its targets from the stored matches; refused when prepared for another preset or
+class list). Without augmentation (data.augment=false) a source is prepared once into
+STORAGE/samples/ (data.cache) and every epoch, and every later run on the same data and
+preset, reads those samples back. Each epoch is reported and checkpointed
 (model, optimiser, step, full config); a lost worker or node restarts the run from the last
 checkpoint (--max-failures); --resume continues a stopped run. The val split is evaluated
 with COCO mAP every train.eval_every epochs and at the end. Rank 0 logs params, metrics,
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         metavar="SOURCE",
-        help="COCO .json or VOC root (path or URI), or a folder of rayssd prepare output",
+        help="COCO .json, YOLO .yaml or VOC root (path or URI), or a folder of rayssd prepare output",
     )
     parser.add_argument(
         "--val-data",

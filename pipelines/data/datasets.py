@@ -55,6 +55,7 @@ from pipelines.data.validation import (
     describe_box,
 )
 from pipelines.data.voc import read_voc
+from pipelines.data.yolo import read_yolo
 
 __all__ = [
     "ROW_COLUMNS",
@@ -69,7 +70,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("coco", "voc", "folder")
+KINDS = ("coco", "voc", "yolo", "folder")
 SPLIT_METHODS = ("none", "source", "fraction")
 ROW_COLUMNS = ("image_id", "path", "width", "height", "boxes", "labels", "ignore")
 # Rows per block of the returned dataset: small enough that a few hundred images already spread
@@ -255,6 +256,8 @@ def _read_source(
         return read_voc(
             probe, split=split, val_fraction=val_fraction, seed=seed, class_names=class_names, report=report
         )
+    if probe.kind == "yolo":
+        return read_yolo(probe, split=split, class_names=class_names, report=report)
     return read_folder(probe, class_names=class_names)
 
 
@@ -295,6 +298,10 @@ def _validate(
             ),
         )
     keep_images = readable & ~mismatch
+    if table.normalized:  # YOLO: fractions of the displayed size -> pixels
+        scale = np.stack([widths, heights, widths, heights], axis=1)[np.maximum(rows, 0)]
+        table = dataclasses.replace(table, boxes=table.boxes * scale)
+        boxes = table.boxes.copy()
     box_kept_image = np.zeros(len(rows), dtype=bool)
     box_kept_image[has_image] = keep_images[rows[has_image]]
     _check_boxes(table, ~box_known & box_kept_image, widths, heights, codes, boxes, report)

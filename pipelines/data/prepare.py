@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from pipelines.data.datasets import DatasetInfo, read_dataset
 from pipelines.data.samples import preprocess
 from pipelines.data.sources import Probe, open_source
+from pipelines.data.yolo import dataset_root, is_yolo_file
 from ssd import config as C
 from ssd.config import with_classes
 
@@ -67,7 +68,8 @@ def sample_hash(cfg: C.Config) -> str:
 
 def _source_root(path: str) -> tuple[pafs.FileSystem, str, bool]:
     """(filesystem, root to fingerprint, source is a file). A COCO file's images usually sit
-    beside its folder (``coco/annotations/x.json`` + ``coco/val2017``): fingerprint the grandparent."""
+    beside its folder (``coco/annotations/x.json`` + ``coco/val2017``): fingerprint the
+    grandparent; a YOLO YAML's dataset root is its ``path``."""
     fs, inner = (
         pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
     )
@@ -76,6 +78,9 @@ def _source_root(path: str) -> tuple[pafs.FileSystem, str, bool]:
         raise FileNotFoundError(f"data source {path} does not exist")
     is_file = info.type == pafs.FileType.File
     root = os.path.dirname(os.path.dirname(inner)) if is_file else inner
+    if is_file and is_yolo_file(inner):  # a YOLO YAML names its dataset's root
+        probe = open_source(path)
+        root = dataset_root(probe.location, probe.yolo).path
     return fs, root, is_file
 
 

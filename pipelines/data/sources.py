@@ -4,6 +4,8 @@ A source is recognised by its shape (`detect_source`):
 
 - ``coco``: a ``*.json`` file holding ``images``, ``annotations`` and ``categories``;
 - ``voc``: a directory holding ``Annotations/`` and ``JPEGImages/`` (Pascal VOC layout);
+- ``yolo``: a ``*.yaml`` / ``*.yml`` file holding ``names`` and ``train`` / ``val`` (Ultralytics
+  layout, `pipelines.data.yolo`);
 - ``folder``: a directory holding image files at any depth (for labelling; no boxes).
 
 Paths are local paths or URIs that pyarrow's filesystems open (``s3://``, ``gs://``,
@@ -49,8 +51,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 COCO_KEYS = ("images", "annotations", "categories")
 FRACTION_SPLITS = ("train", "val")
 ACCEPTED = (
-    "expected a COCO annotation file (*.json with images, annotations and categories), a Pascal VOC "
-    "root (a directory with Annotations/ and JPEGImages/) or a directory of images "
+    "expected a COCO annotation file (*.json with images, annotations and categories), a YOLO "
+    "dataset file (*.yaml with names and train / val), a Pascal VOC root (a directory with "
+    "Annotations/ and JPEGImages/) or a directory of images "
     f"({', '.join(IMAGE_EXTENSIONS)})"
 )
 # Where a COCO file's images may live, relative to its folder: COCO's own layout
@@ -141,6 +144,7 @@ class Probe:
     kind: str
     location: Location
     coco: dict | None = None  # the parsed annotation file
+    yolo: dict | None = None  # the parsed YOLO dataset YAML
     images: list[str] = dataclasses.field(default_factory=list)  # folder: relative image paths
     _coco_index: COCO | None = dataclasses.field(default=None, repr=False)
 
@@ -163,7 +167,8 @@ def open_source(path: str | os.PathLike | Probe) -> Probe:
 
 
 def detect_source(path: str | os.PathLike) -> str:
-    """The kind of source at `path`: "coco", "voc" or "folder"; ValueError naming what was found otherwise."""
+    """The kind of source at `path`: "coco", "yolo", "voc" or "folder"; ValueError naming what was
+    found otherwise."""
     return open_source(path).kind
 
 
@@ -172,6 +177,10 @@ def probe_source(location: Location) -> Probe:
     if file_type == pafs.FileType.NotFound:
         raise ValueError(f"{location.uri} does not exist; {ACCEPTED}")
     if file_type == pafs.FileType.File:
+        from pipelines.data.yolo import is_yolo_file, load_yaml
+
+        if is_yolo_file(location.name):
+            return Probe("yolo", location, yolo=load_yaml(location))
         return Probe("coco", location, coco=_load_coco_json(location))
     entries = location.filesystem.get_file_info(pafs.FileSelector(location.path))
     found = {posixpath.basename(e.path): e.type for e in entries}
@@ -262,6 +271,7 @@ class SourceTable:
     box_refs: list[str]  # [M] where each box came from ("annotation 12", "object 3")
     box_categories: list[Any]  # [M] the category as annotated (COCO id, VOC name)
     orphan_file: str = ""  # file named for boxes without an image
+    normalized: bool = False  # boxes in fractions of each image's size (YOLO): pixels after the image check
 
 
 def _present(root: Location, fs_paths: list[str]) -> np.ndarray:

@@ -326,14 +326,14 @@ def _worker_uri(model: LoadedModel) -> str:
 
 
 def require_labelled_source(source: str | Probe) -> Probe:
-    """The `Probe` of `source` (its kind: "coco" or "voc"; pass it on so the source is parsed
+    """The `Probe` of `source` (its kind: "coco", "voc" or "yolo"; pass it on so the source is parsed
     once); ValueError for an unusable source or a folder of unlabelled images, which has no
     ground truth to score against."""
     probe = open_source(source)
     if probe.kind == "folder":
         raise ValueError(
             f"{probe.location.uri} is a folder of unlabelled images; evaluation needs ground truth "
-            "(a COCO annotation file or a Pascal VOC root)"
+            "(a COCO annotation file, a YOLO dataset YAML or a Pascal VOC root)"
         )
     return probe
 
