@@ -1,13 +1,15 @@
-"""Pascal VOC average precision at IoU 0.5, by the rules of the VOC devkit (the SSD paper's
-tables are VOC2007 mAP).
+"""Pascal VOC average precision at IoU 0.5, by the rules of the Python port of the VOC devkit
+that py-faster-rcnn and detectron2 use (``voc_eval``; the SSD paper's tables are VOC2007 mAP).
 
 Per class, every detection of the evaluated images is taken in order of falling score and
 compared with the ground truth of its image: the box it overlaps most (IoU over boxes as
 continuous xyxy areas; VOC's 1-based inclusive pixel corners become such areas on reading,
 `pipelines.data.voc`) makes it a true positive when the IoU is above 0.5 and that box was not
 found already, a duplicate or a miss is a false positive, and a detection whose best box is
-*difficult* counts as neither. Difficult boxes (COCO's crowd regions too) are not counted as
-objects to find. Precision and recall follow the detections down the list; the AP is
+*difficult* counts as neither (an IoU of exactly 0.5 is a miss, as in that port; the MATLAB
+devkit counts it). Detections of equal score keep their order (a stable sort). Difficult
+boxes (COCO's crowd regions too) are not counted as objects to find. Precision and recall
+follow the detections down the list; the AP is
 
 * ``voc07``: the VOC2007 11-point average, the mean over recall thresholds 0, 0.1, ..., 1 of
   the best precision at that recall or beyond (0 where it is never reached);
@@ -27,6 +29,7 @@ import numpy as np
 
 IOU_THRESHOLD = 0.5
 METHODS = ("voc07", "voc")
+_CHUNK = 16_384  # detections matched at once
 
 
 def average_precision(recall: np.ndarray, precision: np.ndarray, method: str) -> float:
@@ -84,10 +87,11 @@ def class_recall_precision(
     det_ids = detections[:, 0].astype(np.int64)
     rows = np.clip(np.searchsorted(image_ids, det_ids), 0, len(image_ids) - 1)
     has_truth = image_ids[rows] == det_ids
-    overlaps = np.zeros((len(detections), most))
-    overlaps[has_truth] = np.where(
-        valid[rows[has_truth]], _iou(detections[has_truth, 1:5], boxes[rows[has_truth]]), -1
-    )
+    overlaps = np.full((len(detections), most), -1.0)
+    for start in range(0, len(detections), _CHUNK):  # bounded memory: [chunk, G, 4] at a time
+        part = np.flatnonzero(has_truth[start : start + _CHUNK]) + start
+        truth_rows = rows[part]
+        overlaps[part] = np.where(valid[truth_rows], _iou(detections[part, 1:5], boxes[truth_rows]), -1.0)
     best = overlaps.argmax(axis=1)  # the first of equal overlaps, as np.argmax in the devkit
     hit = has_truth & (overlaps[np.arange(len(detections)), best] > iou_threshold)
     ignored = hit & difficult[rows, best]

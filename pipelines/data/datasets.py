@@ -1,6 +1,7 @@
 """Detection datasets as Ray Data: one row per image, validated once at ingest.
 
-`read_dataset` takes a COCO annotation file, a Pascal VOC root or a folder of images (local
+`read_dataset` takes a COCO annotation file, a YOLO dataset YAML (`pipelines.data.yolo`), a
+Pascal VOC root or a folder of images (local
 path or any pyarrow filesystem URI Ray Data reads; see `pipelines.data.sources` for labels, box
 conventions and splits) and returns a `ray.data.Dataset` of rows
 
@@ -158,11 +159,13 @@ def read_dataset(
     """Read and validate a detection source into one row per image (columns in the module doc).
 
     Args:
-        path: a COCO annotation file, a Pascal VOC root or a folder of images; local or a URI;
+        path: a COCO annotation file, a YOLO dataset YAML, a Pascal VOC root or a folder of
+            images; local or a URI;
             or the `Probe` of one (`pipelines.data.sources.open_source`), so that reading
             several splits parses the source once.
         split: None for the whole source; VOC: a name of ImageSets/Main/<split>.txt; COCO (and
-            VOC without ImageSets/Main): "train" or "val", a seeded `val_fraction` of the images.
+            VOC without ImageSets/Main): "train" or "val", a seeded `val_fraction` of the images;
+            YOLO: an entry of the YAML ("train", "val", "test").
         val_fraction, seed: the fraction split (`pipelines.data.sources.fraction_split`).
         strict: raise `DataValidationError` at the first problem, naming its file.
         report_dir: where to write ``ingest_report.json`` (local or URI); None writes nothing.
@@ -298,6 +301,8 @@ def _validate(
             ),
         )
     keep_images = readable & ~mismatch
+    if table.dropped is not None:
+        keep_images &= ~table.dropped
     if table.normalized:  # YOLO: fractions of the displayed size -> pixels
         scale = np.stack([widths, heights, widths, heights], axis=1)[np.maximum(rows, 0)]
         table = dataclasses.replace(table, boxes=table.boxes * scale)

@@ -80,7 +80,8 @@ def _source_root(path: str) -> tuple[pafs.FileSystem, str, bool]:
     root = os.path.dirname(os.path.dirname(inner)) if is_file else inner
     if is_file and is_yolo_file(inner):  # a YOLO YAML names its dataset's root
         probe = open_source(path)
-        root = dataset_root(probe.location, probe.yolo).path
+        dataset = dataset_root(probe.location, probe.yolo)
+        fs, root = dataset.filesystem, dataset.path
     return fs, root, is_file
 
 
@@ -91,10 +92,13 @@ def source_fingerprint(path: str, ignore: str | None = None) -> str:
     """
     fs, root, is_file = _source_root(path)
     digest = hashlib.sha256()
-    if is_file:
-        with fs.open_input_stream(
-            pafs.FileSystem.from_uri(path)[1] if "://" in path else os.path.abspath(path)
-        ) as f:
+    if is_file:  # through its own filesystem: a YOLO YAML's dataset may lie on another
+        file_fs, file_path = (
+            pafs.FileSystem.from_uri(path)
+            if "://" in path
+            else (pafs.LocalFileSystem(), os.path.abspath(path))
+        )
+        with file_fs.open_input_stream(file_path) as f:
             digest.update(f.read())
     ignored = os.path.abspath(ignore) if ignore and "://" not in ignore else ignore
     files = fs.get_file_info(pafs.FileSelector(root, recursive=True))

@@ -272,6 +272,7 @@ class SourceTable:
     box_categories: list[Any]  # [M] the category as annotated (COCO id, VOC name)
     orphan_file: str = ""  # file named for boxes without an image
     normalized: bool = False  # boxes in fractions of each image's size (YOLO): pixels after the image check
+    dropped: np.ndarray | None = None  # bool [I]: reported and dropped already (unreadable YOLO labels)
 
 
 def _present(root: Location, fs_paths: list[str]) -> np.ndarray:

@@ -7,7 +7,11 @@ The source is the dataset's YAML file (read with ``yaml.safe_load``: data, never
   given, must agree); class id k is label k + 1;
 * ``path``: the dataset root, relative to the YAML file's folder (default: that folder);
 * ``train`` / ``val`` / ``test``: each a folder of images, a ``.txt`` file listing image paths
-  (relative to that file's folder) or a list of those, relative to ``path``.
+  or a list of those, relative to ``path`` (a ``../x`` that does not exist is tried as ``x``
+  inside it, as Ultralytics does). Unlike Ultralytics, a relative ``path`` is taken from the
+  YAML's folder (not the working or a datasets directory) and every relative line of an image
+  list from the list's folder (not only ``./`` lines). An entry of another split that names
+  nothing is skipped with a warning. Pose datasets (``kpt_shape``) are refused.
 
 Each image's labels are the ``.txt`` file at its path with the last ``images`` folder
 replaced by ``labels`` (``images/train/a.jpg`` -> ``labels/train/a.txt``); an image without a
@@ -24,6 +28,7 @@ same in every split.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from typing import Any
 
@@ -39,6 +44,8 @@ from pipelines.data.sources import (
     resolve_location,
 )
 from pipelines.data.validation import IngestReport
+
+logger = logging.getLogger(__name__)
 
 YOLO_SPLITS = ("train", "val", "test")
 YAML_EXTENSIONS = (".yaml", ".yml")
@@ -57,12 +64,17 @@ def load_yaml(location: Location) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{location.uri} is not valid YAML: {exc}") from exc
     if not isinstance(doc, dict) or "names" not in doc:
-        keys = sorted(doc)[:10] if isinstance(doc, dict) else type(doc).__name__
+        keys = sorted(map(str, doc))[:10] if isinstance(doc, dict) else type(doc).__name__
         raise ValueError(
             f"{location.uri} is not a YOLO dataset file: it has no 'names' (found {keys}); expected "
             "names, and train / val entries (folders or lists of images)"
         )
     yolo_class_names(doc, location.uri)  # fail now, before Ray starts
+    if "kpt_shape" in doc:
+        raise ValueError(
+            f"{location.uri} is a YOLO pose dataset (kpt_shape): its label lines hold keypoints, not "
+            "detection boxes; give a detection dataset"
+        )
     if not any(doc.get(split) for split in YOLO_SPLITS):
         raise ValueError(f"{location.uri} names no images: it has none of {list(YOLO_SPLITS)}")
     return doc
@@ -77,7 +89,8 @@ def yolo_class_names(doc: dict, uri: str) -> tuple[str, ...]:
         except (TypeError, ValueError):
             by_id = {}
         if sorted(by_id) != list(range(len(names))):
-            raise ValueError(f"{uri}: names has the ids {sorted(names)}; expected 0..{len(names) - 1}")
+            shown = sorted(map(str, names))
+            raise ValueError(f"{uri}: names has the ids {shown}; expected 0..{len(names) - 1}")
         names = [by_id[i] for i in range(len(by_id))]
     if not isinstance(names, list) or not names or any(not isinstance(n, (str, int)) for n in names):
         raise ValueError(f"{uri}: names must be a non-empty list or dict of class names")
@@ -101,32 +114,47 @@ def dataset_root(location: Location, doc: dict) -> Location:
 
 
 def label_path(image_path: str) -> str:
-    """Ultralytics' rule: the last ``/images/`` of the path becomes ``/labels/``, the extension ``.txt``."""
-    head, sep, tail = image_path.rpartition("/images/")
-    swapped = f"{head}/labels/{tail}" if sep else image_path
-    return posixpath.splitext(swapped)[0] + ".txt"
+    """Ultralytics' rule: the last ``images`` folder of the path becomes ``labels``, the extension
+    ``.txt`` (a path inside a bucket may start with ``images/``)."""
+    lead = "" if image_path.startswith("/") else "/"  # so that a leading images/ matches too
+    head, sep, tail = (lead + image_path).rpartition("/images/")
+    swapped = f"{head}/labels/{tail}" if sep else lead + image_path
+    return posixpath.splitext(swapped[len(lead) :])[0] + ".txt"
+
+
+def _entry_location(root: Location, item: str) -> Location:
+    """Where one split entry points: a URI or absolute path as it is, else relative to the root;
+    like Ultralytics, a ``../x`` that does not exist is tried as ``x`` inside the root."""
+    if "://" in item or posixpath.isabs(item):
+        return resolve_location(item)
+    where = root.join(item)
+    if where.file_type() == pafs.FileType.NotFound and item.startswith("../"):
+        inside = root.join(item[3:])
+        if inside.file_type() != pafs.FileType.NotFound:
+            return inside
+    return where
 
 
 def _split_images(root: Location, entry: Any, uri: str) -> list[str]:
     """Paths inside root's filesystem of the images one split entry names."""
     entries = entry if isinstance(entry, list) else [entry]
     paths: list[str] = []
-    for item in entries:
-        where = (
-            resolve_location(item)
-            if "://" in str(item) or posixpath.isabs(str(item))
-            else root.join(str(item))
-        )
+    for item in map(str, entries):
+        where = _entry_location(root, item)
         kind = where.file_type()
         if kind == pafs.FileType.Directory:
             paths += [where.join(name).path for name in list_files(where) if is_image_name(name)]
         elif kind == pafs.FileType.File and where.name.lower().endswith(".txt"):
             for line in where.read_bytes().decode("utf-8").splitlines():  # relative to the list's folder
                 line = line.strip()
-                if line:
-                    paths.append(
-                        line if posixpath.isabs(line) else where.parent.join(line.removeprefix("./")).path
-                    )
+                if not line or not is_image_name(line):
+                    continue
+                if "://" in line:
+                    paths.append(resolve_location(line).path)
+                elif posixpath.isabs(line):
+                    paths.append(posixpath.normpath(line))
+                else:
+                    paths.append(where.parent.join(line.removeprefix("./")).path)
         elif is_image_name(where.name) and kind == pafs.FileType.File:
             paths.append(where.path)
         else:
@@ -134,6 +162,22 @@ def _split_images(root: Location, entry: Any, uri: str) -> list[str]:
                 f"{uri}: {item!r} ({where.uri}) is no folder of images, image list (.txt) or image"
             )
     return paths
+
+
+def _all_images(root: Location, doc: dict, uri: str, split: str | None) -> list[str]:
+    """Every image the YAML names, sorted; an entry of another split than `split` that does
+    not exist (exports often name a test folder they leave out) is skipped with a warning."""
+    found: set[str] = set()
+    for name in YOLO_SPLITS:
+        if not doc.get(name):
+            continue
+        try:
+            found.update(_split_images(root, doc[name], uri))
+        except ValueError:
+            if split is None or name == split:
+                raise
+            logger.warning("%s: the %s entry %r names nothing that exists; skipped", uri, name, doc[name])
+    return sorted(found)
 
 
 def read_yolo(
@@ -150,7 +194,7 @@ def read_yolo(
     if split is not None and not doc.get(split):
         available = [s for s in YOLO_SPLITS if doc.get(s)]
         raise ValueError(f"{uri} has no {split!r} entry; its splits: {available}")
-    every = sorted({p for s in YOLO_SPLITS if doc.get(s) for p in _split_images(root, doc[s], uri)})
+    every = _all_images(root, doc, uri, split)
     id_of = {path: index for index, path in enumerate(every)}
     wanted = every if split is None else sorted(set(_split_images(root, doc[split], uri)))
     picked = class_names if class_names is not None else names
@@ -163,6 +207,7 @@ def read_yolo(
     label_files = [label_path(path) for path in wanted]
     existing = _existing(filesystem, label_files)
     boxes, labels, rows, refs, categories = [], [], [], [], []
+    dropped = np.zeros(len(wanted), dtype=bool)
     for row, label_file in enumerate(label_files):
         if label_file not in existing:
             continue  # no label file: an image with no objects
@@ -173,6 +218,7 @@ def read_yolo(
             report.add(
                 "unreadable", root.prefix + label_file, id_of[wanted[row]], f"cannot read the labels: {exc}"
             )
+            dropped[row] = True  # its objects are unknown: not an image without any
             continue
         for number, line in enumerate(text.splitlines(), start=1):
             values = line.split()
@@ -210,6 +256,7 @@ def read_yolo(
         box_refs=refs,
         box_categories=categories,
         normalized=True,
+        dropped=dropped,
     )
 
 
@@ -243,8 +290,8 @@ def _existing(filesystem: pafs.FileSystem, paths: list[str]) -> set[str]:
     for folder in sorted({posixpath.dirname(p) for p in paths}):
         try:
             infos = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        except OSError:
-            continue
+        except OSError as exc:
+            raise ValueError(f"cannot list {folder}: {exc}") from exc
         found |= {info.path for info in infos if info.type == pafs.FileType.File}
     return found
 

@@ -66,7 +66,7 @@ def open_training_source(path: str) -> Source:
         return Source(path, prepared=open_prepared(path))
     probe = open_source(path)
     if probe.kind == "folder":
-        raise ValueError(f"{path} is a folder of unlabelled images; training needs COCO or VOC labels")
+        raise ValueError(f"{path} is a folder of unlabelled images; training needs COCO, YOLO or VOC labels")
     return Source(path, probe=probe)
 
 
@@ -105,7 +105,10 @@ def training_data(
         print("note: training from prepared samples, which are not augmented: data.augment=false", flush=True)
         cfg = C.override(cfg, ["data.augment=false"])
     cache = cfg.data.cache and not cfg.data.augment
-    own_splits = ("all",) if val_data is not None else ("train", "val")
+    # beside --val-data the whole source trains, except a YOLO YAML's train split, which names
+    # its own val and test images apart
+    whole = "train" if data.probe is not None and data.probe.kind == "yolo" else None
+    own_splits = ((whole or "all"),) if val_data is not None else ("train", "val")
     prepared = _prepared(data, cfg, storage, own_splits) if cache or data.prepared else None
     if prepared is not None:
         cfg = prepared.check(cfg)
@@ -113,7 +116,7 @@ def training_data(
         info = prepared.info(split)
         samples = _expanded(prepared, split, cfg, data_cpus)
     else:
-        rows, info, _ = read_dataset(data.probe, split=None if val_data else "train", **_split_args(cfg))
+        rows, info, _ = read_dataset(data.probe, split=whole if val_data else "train", **_split_args(cfg))
         cfg = with_classes(cfg, info.class_names)
         samples = preprocess(rows, cfg, train=True, epoch=epoch_clock, workers=2, num_cpus=data_cpus)
 

@@ -109,6 +109,7 @@ def test_names_as_a_list_and_bad_yaml_files_are_clear(tmp_path, yolo):
 def test_label_files_sit_where_ultralytics_looks():
     assert label_path("/d/images/train/x.jpg") == "/d/labels/train/x.txt"
     assert label_path("/images/d/images/y.png") == "/images/d/labels/y.txt"  # the last images/ only
+    assert label_path("images/train/a.b.jpg") == "labels/train/a.b.txt"  # a path inside a bucket
 
 
 def test_a_yolo_dataset_prepares_its_own_train_and_val_splits(ray_local, yolo, tmp_path):
@@ -122,3 +123,20 @@ def test_a_yolo_dataset_prepares_its_own_train_and_val_splits(ray_local, yolo, t
     assert prepare(yolo, tmp_path / "prepared", C.preset("tiny")).reused
     _labels(yolo.parent / "pets" / "labels" / "val" / "v.txt", "1 0.5 0.5 0.5 0.5")  # a label edited
     assert not prepare(yolo, tmp_path / "prepared", C.preset("tiny")).reused
+
+
+def test_exports_with_a_missing_test_folder_and_an_unreadable_label_file(ray_local, yolo, tmp_path):
+    config = yaml.safe_load(yolo.read_text())
+    roboflow = tmp_path / "export.yaml"  # Roboflow's style: ../train/images, and a test folder left out
+    roboflow.write_text(yaml.safe_dump({**config, "train": "../images/train", "test": "../test/images"}))
+    (yolo.parent / "pets" / "labels" / "train" / "c.txt").write_bytes(b"\xff\xfe not text")
+    rows, _, report = read_dataset(roboflow, split="train")  # ../images/train found inside path
+    assert sorted(Path(r["path"]).name for r in rows.take_all()) == ["a.jpg", "b.png"]
+    [unreadable] = [e for e in report.entries if e.kind == "unreadable"]
+    assert unreadable.file.endswith("labels/train/c.txt") and report.images_kept == 2
+    with pytest.raises(ValueError, match=r"'\.\./test/images'.*is no folder of images"):
+        read_dataset(roboflow, split="test")  # asked for by name: an error, not a skip
+    posed = tmp_path / "pose.yaml"
+    posed.write_text(yaml.safe_dump({**config, "kpt_shape": [17, 3]}))
+    with pytest.raises(ValueError, match="pose dataset"):
+        open_source(posed)

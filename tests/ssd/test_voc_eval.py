@@ -56,7 +56,7 @@ def test_fixed_cases_give_the_hand_computed_aps():
     assert out["voc07_map50"] == pytest.approx((28 / 33 + 1) / 3)
 
 
-def test_an_overlap_of_exactly_one_half_is_a_miss_as_in_the_devkit():
+def test_an_overlap_of_exactly_one_half_is_a_miss_as_in_the_python_devkit():
     truth = [ann(1, DOG, [0, 0, 10, 10])]
     half = [det(1, DOG, [0, 0, 10, 5], 0.9)]  # IoU 50 / 100
     above = [det(1, DOG, [0, 0, 10, 5.01], 0.9)]
@@ -144,7 +144,7 @@ def test_the_vectorised_matching_equals_the_devkit_loop_on_random_scenes():
             )
             x1, y1, x2, y2 = np.sort(base.reshape(2, 2) + rng.normal(0, 2, (2, 2)), axis=0).ravel()
             detections.append([image_id, x1, y1, x2 + 0.5, y2 + 0.5, round(rng.random(), 1)])
-    detections = np.array(detections)  # scores rounded: ties keep the list order, as the devkit's sort
+    detections = np.array(detections)  # scores rounded: ties keep the list order (stable sorts both)
     got, expected = class_recall_precision(detections, truth), _devkit_loop(detections, truth)
     np.testing.assert_allclose(got[0], expected[0])
     np.testing.assert_allclose(got[1], expected[1])
