@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from jobs import serve as serve_job
 from pipelines.serve.deployments import select
 from pipelines.serve.requests import DEFAULT_SCORE_THRESHOLD
-from pipelines.serve.stats import StatsBoard, flat_metrics
+from pipelines.serve.stats import PUSH_INTERVAL_S, StatsBoard, flat_metrics
 from pipelines.track.models import load_model
 from pipelines.track.registry import log_model
 from pipelines.track.tracker import Tracker
@@ -266,10 +266,24 @@ def _batch_sizes(url: str) -> dict[int, int]:
     return {int(k): v for k, v in requests.get(f"{url}/stats", timeout=30).json()["batch_sizes"].items()}
 
 
+def _settled_batch_sizes(url: str) -> dict[int, int]:
+    """The counts once no earlier request is still to be reported (two reads a push apart
+    agree): a batch of an earlier test reported late would count as this call's."""
+    counts = _batch_sizes(url)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(2 * PUSH_INTERVAL_S)
+        again = _batch_sizes(url)
+        if again == counts:
+            break
+        counts = again
+    return counts
+
+
 def _concurrently(url: str, images: list[tuple[bytes, str]]) -> tuple[list, dict[int, int]]:
     """POST `images` from one client each, released together; the responses and the detector
     batches (size: count) the replicas reported for them."""
-    before = _batch_sizes(url)
+    before = _settled_batch_sizes(url)
     barrier = threading.Barrier(len(images))
 
     def send(item):
