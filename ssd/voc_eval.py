@@ -148,7 +148,7 @@ def voc_average_precision(
         if curve is None:
             continue
         for method in METHODS:
-            out[f"per_class_{method}"][name] = average_precision(*curve, method) if len(curve[0]) else 0.0
+            out[f"per_class_{method}"][name] = average_precision(*curve, method)  # 0 with no detection
     for method in METHODS:
         values = list(out[f"per_class_{method}"].values())
         out[f"{method}_map50"] = float(np.mean(values)) if values else float("nan")

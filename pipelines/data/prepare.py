@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from pipelines.data.datasets import DatasetInfo, read_dataset
 from pipelines.data.samples import preprocess
-from pipelines.data.sources import Probe, open_source
+from pipelines.data.sources import Probe, open_source, resolve_location
 from pipelines.data.yolo import dataset_root, is_yolo_file
 from ssd import config as C
 from ssd.config import with_classes
@@ -93,13 +93,7 @@ def source_fingerprint(path: str, ignore: str | None = None) -> str:
     fs, root, is_file = _source_root(path)
     digest = hashlib.sha256()
     if is_file:  # through its own filesystem: a YOLO YAML's dataset may lie on another
-        file_fs, file_path = (
-            pafs.FileSystem.from_uri(path)
-            if "://" in path
-            else (pafs.LocalFileSystem(), os.path.abspath(path))
-        )
-        with file_fs.open_input_stream(file_path) as f:
-            digest.update(f.read())
+        digest.update(resolve_location(path).read_bytes())
     ignored = os.path.abspath(ignore) if ignore and "://" not in ignore else ignore
     files = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     entries = sorted(

@@ -234,8 +234,8 @@ def inspect_image(filesystem: pafs.FileSystem, path: str) -> tuple[int, int, str
     try:
         with Image.open(io.BytesIO(data)) as image:
             stored_width, stored_height = image.size
-            if stored_width * stored_height > MAX_PIXELS:
-                pixels = stored_width * stored_height
+            pixels = stored_width * stored_height
+            if pixels > MAX_PIXELS:
                 return 0, 0, "too_large", _too_large(f"{stored_width}x{stored_height} = {pixels:,} pixels")
             width, height = displayed_size(image)  # annotations are drawn on the displayed image
             image.draft(None, (max(1, stored_width // _DRAFT_SCALE), max(1, stored_height // _DRAFT_SCALE)))

@@ -39,6 +39,7 @@ from pipelines.data.sources import (
     Location,
     Probe,
     SourceTable,
+    _present,
     is_image_name,
     list_files,
     resolve_location,
@@ -164,20 +165,21 @@ def _split_images(root: Location, entry: Any, uri: str) -> list[str]:
     return paths
 
 
-def _all_images(root: Location, doc: dict, uri: str, split: str | None) -> list[str]:
-    """Every image the YAML names, sorted; an entry of another split than `split` that does
-    not exist (exports often name a test folder they leave out) is skipped with a warning."""
-    found: set[str] = set()
+def _split_listings(root: Location, doc: dict, uri: str, split: str | None) -> dict[str, list[str]]:
+    """The images each split entry of the YAML names, each entry listed once; an entry of
+    another split than `split` that does not exist (exports often name a test folder they
+    leave out) is skipped with a warning."""
+    listings: dict[str, list[str]] = {}
     for name in YOLO_SPLITS:
         if not doc.get(name):
             continue
         try:
-            found.update(_split_images(root, doc[name], uri))
+            listings[name] = _split_images(root, doc[name], uri)
         except ValueError:
             if split is None or name == split:
                 raise
             logger.warning("%s: the %s entry %r names nothing that exists; skipped", uri, name, doc[name])
-    return sorted(found)
+    return listings
 
 
 def read_yolo(
@@ -194,9 +196,10 @@ def read_yolo(
     if split is not None and not doc.get(split):
         available = [s for s in YOLO_SPLITS if doc.get(s)]
         raise ValueError(f"{uri} has no {split!r} entry; its splits: {available}")
-    every = _all_images(root, doc, uri, split)
+    listings = _split_listings(root, doc, uri, split)
+    every = sorted({path for paths in listings.values() for path in paths})
     id_of = {path: index for index, path in enumerate(every)}
-    wanted = every if split is None else sorted(set(_split_images(root, doc[split], uri)))
+    wanted = every if split is None else sorted(set(listings[split]))
     picked = class_names if class_names is not None else names
     unknown = [name for name in picked if name not in names]
     if unknown:
@@ -247,7 +250,7 @@ def read_yolo(
         fs_paths=list(wanted),
         widths=np.zeros(len(wanted), dtype=np.int64),  # YOLO labels carry no size: read from the image
         heights=np.zeros(len(wanted), dtype=np.int64),
-        present=_present_files(filesystem, wanted),
+        present=_present(root, wanted),
         annotation_files=[root.prefix + f for f in label_files],
         box_rows=np.asarray(rows, dtype=np.int64),
         boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
@@ -294,8 +297,3 @@ def _existing(filesystem: pafs.FileSystem, paths: list[str]) -> set[str]:
             raise ValueError(f"cannot list {folder}: {exc}") from exc
         found |= {info.path for info in infos if info.type == pafs.FileType.File}
     return found
-
-
-def _present_files(filesystem: pafs.FileSystem, paths: list[str]) -> np.ndarray:
-    existing = _existing(filesystem, paths)
-    return np.asarray([p in existing for p in paths], dtype=bool)
