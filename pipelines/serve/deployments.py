@@ -8,8 +8,8 @@ original (height, width) to its `pipelines.serve.coalesce.Coalescer`, the one ow
 batching: it sends the requests that queued together to the detector in one call of at most
 ``max_batch_size`` images, waiting up to ``batch_wait_timeout_s`` for a fuller batch while
 other calls are in flight (both retunable through the ingress's ``user_config``). The
-detector runs each call through `ssd.detector.Detector` (weights channels-last) as it
-comes. Decoding and detection scale apart.
+detector runs each call through `LoadedModel.detector` (torch with channels-last weights, or
+ONNX Runtime) as it comes. Decoding and detection scale apart.
 
 HTTP contract (every answer is JSON; errors are ``{"error": message, "status": code}``):
 
@@ -65,7 +65,6 @@ from pipelines.serve.requests import (
 from pipelines.serve.settings import DEFAULT_NAME, ServeSettings
 from pipelines.serve.stats import Reporter, StatsBoard
 from ssd import config as C
-from ssd.detector import Detector
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -123,7 +122,7 @@ class BatchedDetector:
 
         torch.set_num_threads(threads)  # a replica owns its CPUs
         loaded = load_model(model_uri, tracking_uri=tracking_uri)
-        self.detector = Detector(loaded.model, loaded.cfg, channels_last=True)
+        self.detector = loaded.detector(threads=threads)
         self.reporter = Reporter(board)
         # Torch runs off the event loop, so the replica keeps taking calls while one runs.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssd-detect")

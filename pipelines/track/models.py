@@ -5,7 +5,8 @@ Labelling, serving and ``rayssd evaluate`` all take one model argument:
 * a checkpoint file, or a directory holding ``checkpoint.pt`` (a Ray Train checkpoint);
 * ``runs:/<run_id>/<path>`` — a checkpoint logged as a run artifact, or the run's logged model;
 * ``models:/NAME@alias``, ``models:/NAME/VERSION`` — the model registry;
-* ``models:/m-<id>`` — an MLflow logged model.
+* ``models:/m-<id>`` — an MLflow logged model;
+* an ``.onnx`` file written by ``rayssd export``, run on ONNX Runtime (`pipelines.track.engines`).
 
 MLflow URIs are downloaded (once, into a cache directory) and the single ``checkpoint.pt``
 inside is read with `ssd.checkpoint.load` (``weights_only=True``): a model from the
@@ -27,6 +28,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from pipelines.track.engines import ONNX_SUFFIX
 from pipelines.track.tracker import check_reachable
 from pipelines.track.tracker import tracking_uri as resolve_tracking_uri
 from ssd import checkpoint
@@ -42,7 +44,7 @@ MLFLOW_SCHEMES = ("runs", "models")
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # eval mode, on the CPU
+    model: torch.nn.Module | None  # eval mode, on the CPU; None for an ONNX file
     cfg: C.Config
     dataset: dict  # checkpoint["dataset"]: class_names, category_ids, ...
     uri: str  # as given
@@ -50,6 +52,19 @@ class LoadedModel:
     name: str | None = None  # registered model name, when from the registry
     version: str | None = None  # registered model version (for lineage)
     run_id: str | None = None  # run that produced the model, when known
+    engine: str = "torch"  # "torch" (a checkpoint) or "onnxruntime" (an exported .onnx file)
+
+    def detector(self, *, device: str = "cpu", threads: int | None = None) -> Callable:
+        """What labelling and serving call: `ssd.detector.Detector` over the weights
+        (channels-last, moved to `device`), or `engines.OnnxDetector` over the ONNX file
+        (`threads` intra-op threads; the CUDA provider for a CUDA device when present)."""
+        if self.engine == "onnxruntime":
+            from pipelines.track.engines import OnnxDetector
+
+            return OnnxDetector(self.checkpoint_path, threads=threads, device=device)
+        from ssd.detector import Detector
+
+        return Detector(self.model.to(device), self.cfg, channels_last=True)
 
     @property
     def label(self) -> str:
@@ -102,7 +117,10 @@ def load_model(uri: str, *, tracking_uri: str | None = None, cache_dir: str | No
         source = _resolve(uri, store)
         path = _find_checkpoint(_download(source, uri, store, cache_dir), uri)
     elif scheme in ("", "file") or len(scheme) == 1:  # a path (or a Windows drive letter)
-        path = _local_checkpoint(Path(urlparse(uri).path if scheme == "file" else uri))
+        local = Path(urlparse(uri).path if scheme == "file" else uri)
+        if local.suffix == ONNX_SUFFIX:
+            return _load_onnx(local, uri)
+        path = _local_checkpoint(local)
     else:
         raise ValueError(
             f"cannot load a model from {uri!r}: expected a checkpoint path, a runs:/ or a models:/ URI"
@@ -113,6 +131,17 @@ def load_model(uri: str, *, tracking_uri: str | None = None, cache_dir: str | No
     return LoadedModel(
         model, cfg, ckpt["dataset"], uri, str(path), source.name, source.version, source.run_id
     )
+
+
+def _load_onnx(path: Path, uri: str) -> LoadedModel:
+    """An exported end-to-end graph: its config and classes from the file's metadata."""
+    from pipelines.track import engines
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX model file at {path}")
+    cfg, dataset = engines.export_metadata(engines.session(path, threads=1), path)
+    log.info("loaded %s (%s, ONNX Runtime)", uri, cfg.name)
+    return LoadedModel(None, cfg, dataset, uri, str(path), engine="onnxruntime")
 
 
 def pinned_uri(model: LoadedModel) -> str:
