@@ -235,3 +235,20 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
     if meta.get("rayssd.format") != METADATA_FORMAT:
         raise ValueError(f"{path} is not a rayssd export (no {METADATA_FORMAT!r} metadata)")
     return module.eval(), meta
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The rayssd metadata of an exported ONNX (needs the ``onnx`` package) or TorchScript file."""
+    path = Path(path)
+    if path.suffix != SUFFIXES["onnx"]:
+        return load_torchscript(path)[1]
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors of every kind
+        raise ValueError(f"{path} is not a readable ONNX model: {exc}") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("rayssd.format") != METADATA_FORMAT:
+        raise ValueError(f"{path} is not a rayssd export (no {METADATA_FORMAT!r} metadata)")
+    return meta

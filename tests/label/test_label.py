@@ -26,6 +26,7 @@ from pipelines.label.outputs import LABEL_SCHEMA
 from pipelines.track.models import load_model
 from pipelines.track.registry import log_model
 from pipelines.track.tracker import Tracker
+from ssd import checkpoint, export
 from ssd.detector import Detector
 from ssd.transforms import eval_transform
 from tests.trained_tiny import BATCH, direct_metrics, train_tiny
@@ -229,3 +230,24 @@ def test_a_registered_model_by_alias_labels_and_the_run_records_its_version(
     version = client.get_model_version(REGISTERED, registered.version)
     inputs = client.get_run(run.info.run_id).inputs.model_inputs
     assert [f"models:/{m.model_id}" for m in inputs] == [version.source]
+
+
+def test_an_onnx_export_labels_the_folder_as_the_torch_model_does(ray_local, folder, trained, tmp_path):
+    """`rayssd label --model FILE.onnx`: ONNX Runtime actors give the torch detections (same
+    labels, boxes within 1e-3 of the image size, scores within 1e-5)."""
+    ckpt = checkpoint.load(trained)
+    model, cfg = checkpoint.build_model(ckpt)
+    onnx_file = tmp_path / "model.onnx"
+    export.export(model, cfg, ckpt["dataset"], onnx_file)
+    loaded = load_model(str(onnx_file))
+    summary = label_source(str(folder), loaded, str(tmp_path / "out"), batch_size=4, workers=1)
+    assert summary["images"] == GOOD and summary["model"]["loaded_as"] == str(onnx_file)
+    rows = pq.read_table(tmp_path / "out" / "labels").to_pylist()
+    expected = _direct(trained, [row["path"] for row in rows])
+    assert sum(len(e["scores"]) for e in expected.values()) > GOOD
+    for row in rows:
+        want = expected[row["path"]]
+        assert row["labels"] == want["labels"].tolist(), row["path"]
+        np.testing.assert_allclose(row["scores"], want["scores"], atol=1e-5)
+        tolerance = 1e-3 * max(row["width"], row["height"])
+        np.testing.assert_allclose(np.array(row["boxes"]).reshape(-1, 4), want["boxes"], atol=tolerance)

@@ -28,7 +28,7 @@ from pipelines.serve.stats import PUSH_INTERVAL_S, StatsBoard, flat_metrics
 from pipelines.track.models import load_model
 from pipelines.track.registry import log_model
 from pipelines.track.tracker import Tracker
-from ssd import checkpoint
+from ssd import checkpoint, export
 from ssd import config as C
 from ssd.detector import Detector
 from ssd.model import build_ssd
@@ -489,7 +489,11 @@ def test_the_deployment_is_an_mlflow_run_naming_the_version_served(server, mlflo
 
 
 @pytest.mark.slow
-def test_a_second_application_serves_beside_the_first_and_stops_alone(server, champion, mlflow_server):
+def test_a_second_application_serves_an_onnx_export_beside_the_first_and_stops_alone(
+    server, model_file, mlflow_server, tmp_path
+):
+    """The second application serves `rayssd export`'s ONNX file of the first's model on ONNX
+    Runtime: the same answers (labels, scores within 1e-5, boxes within 1e-3 of the image size)."""
     from ray import serve
 
     from pipelines.serve import deployments as serving
@@ -498,9 +502,13 @@ def test_a_second_application_serves_beside_the_first_and_stops_alone(server, ch
         return serving.stats(app=serving.APP_NAME)["requests"]
 
     assert _detect(server.url, *IMAGES["jpeg"]).status_code == 200
+    ckpt = checkpoint.load(model_file)
+    onnx_file = tmp_path / "model.onnx"
+    export.export(*checkpoint.build_model(ckpt), ckpt["dataset"], onnx_file)
     second = Server(
         [
-            *("--model", champion, "--tracking-uri", mlflow_server, "--experiment", f"{EXPERIMENT}-second"),
+            *("--model", str(onnx_file), "--tracking-uri", mlflow_server),
+            *("--experiment", f"{EXPERIMENT}-second"),
             *("--name", "second", "--route-prefix", "/second", "--port", str(server.args.port)),
             *("--detector-cpus", "0.5", "--ingress-cpus", "0.25", "--metrics-every", "1"),
         ]
@@ -510,12 +518,20 @@ def test_a_second_application_serves_beside_the_first_and_stops_alone(server, ch
         assert second.url == f"{server.url}/second"
         answer = _detect(second.url, *IMAGES["jpeg"])
         assert answer.status_code == 200, answer.text
+        for kind in ("jpeg", "large jpeg"):
+            data, content_type = IMAGES[kind]
+            got = _detect(second.url, data, content_type, params=QUERY).json()
+            want = _direct(model_file, data, 0.05, 20)
+            assert got["labels"] == want["labels"].tolist() and len(got["labels"]) > 0
+            np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
+            side = max(got["image"]["width"], got["image"]["height"])
+            np.testing.assert_allclose(got["boxes"], want["boxes"].reshape(-1, 4), atol=1e-3 * side)
         assert requests.get(f"{second.url}/model", timeout=30).json()["serving"]["name"] == "second"
         assert _detect(server.url, *IMAGES["jpeg"]).status_code == 200  # the first still answers at /
         assert {"rayssd", "second"} <= set(serve.status().applications)
     finally:
         result = second.stop()  # waits for the replicas' last statistics
-    assert result["stats"]["requests"] == 1  # its own request only: each application has its board
+    assert result["stats"]["requests"] == 3  # its own three requests only: each application has its board
     assert "second" not in serve.status().applications and "rayssd" in serve.status().applications
     assert serving.stats(app="second") is None
     before = first_requests()
