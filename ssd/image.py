@@ -89,6 +89,53 @@ def decode_image(data: bytes | BinaryIO | str, reduce_to: int | None = None) -> 
         return rgb_pixels(image)
 
 
+# The formats an image sent for inference (serving, the MLflow model) may have, and the common
+# ones PIL may identify so that they are refused as such rather than as "not an image". Never
+# EPS & co., whose PIL plugins run external programs.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+IDENTIFIED_FORMATS = (*ACCEPTED_FORMATS, "GIF", "TIFF", "ICO")
+
+
+class ImageError(ValueError):
+    """Image bytes `decode_checked` does not decode. `reason` is ``"not_image"`` (no format we
+    identify), ``"format"`` (identified, not accepted), ``"too_large"`` (more than the pixel
+    limit, from the header) or ``"corrupt"`` (the pixels do not decode)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_checked(
+    data: bytes, *, max_pixels: int = MAX_PIXELS, reduce_to: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Untrusted image bytes → (uint8 [h, w, 3] RGB as shown, the image's (height, width) as
+    shown), the format and pixel count checked from the header before any pixel is decoded
+    (`ImageError` otherwise). With `reduce_to` a JPEG may decode at a reduced scale
+    (`reduce_for`), so h, w can be smaller than the size returned beside them."""
+    accepted = ", ".join(ACCEPTED_FORMATS)
+    try:
+        image = Image.open(io.BytesIO(data), formats=IDENTIFIED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_large", f"image exceeds the limit of {max_pixels} pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+        raise ImageError("not_image", f"not an image ({accepted} are accepted)") from None
+    with image:
+        if image.format not in ACCEPTED_FORMATS:
+            raise ImageError("format", f"{image.format} images are not accepted; send one of {accepted}")
+        width, height = image.size
+        if width * height > max_pixels:
+            pixels = f"{width}x{height} = {width * height} pixels"
+            raise ImageError("too_large", f"image of {pixels} exceeds the limit of {max_pixels}")
+        try:
+            shown_width, shown_height = displayed_size(image)  # decodes a PNG: its EXIF may follow the pixels
+            reduce_for(image, reduce_to)
+            return rgb_pixels(image), (shown_height, shown_width)
+        except (OSError, SyntaxError, ValueError) as exc:
+            message = f"{image.format} image data is corrupt or truncated: {exc}"
+            raise ImageError("corrupt", message) from None
+
+
 def network_input(pixels: np.ndarray, size: int) -> np.ndarray:
     """uint8 [H, W, 3] pixels → uint8 [3, size, size], resized as `ssd.transforms.eval_transform`."""
     resized, _ = eval_transform(pixels, _NO_BOXES, size)  # [S, S, 3]

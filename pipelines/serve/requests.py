@@ -3,24 +3,19 @@ multipart), decode and resize them, and read the query. Every refusal is a `Requ
 carrying the HTTP status `pipelines.serve.deployments` answers with (see its docstring for the contract).
 """
 
-import io
 import math
 from typing import Any
 
 import numpy as np
 from fastapi import Request
-from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ssd import config as C
-from ssd.image import displayed_size, network_input, reduce_for, rgb_pixels
+from ssd.image import ACCEPTED_FORMATS, ImageError, decode_checked, network_input
 
-ACCEPTED_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP", "image/bmp": "BMP"}
+ACCEPTED_TYPES = {f"image/{name.lower()}": name for name in ACCEPTED_FORMATS}
 GENERIC_TYPES = ("", "application/octet-stream")  # no claim: the format is read from the bytes
-# Formats PIL may identify: the accepted ones plus common ones we refuse with 415 rather than
-# call "not an image". Never EPS & co., whose PIL plugins run external programs.
-IDENTIFIED_FORMATS = (*ACCEPTED_TYPES.values(), "GIF", "TIFF", "ICO")
 DEFAULT_SCORE_THRESHOLD = C.ANSWER_SCORE_THRESHOLD
 MAX_DETECTIONS = 1000
 
@@ -93,32 +88,24 @@ async def _multipart_file(headers: Headers, body: bytes) -> bytes:
     return data
 
 
+# ssd.image.decode_checked's refusals as HTTP statuses.
+_STATUS = {"not_image": 400, "format": 415, "too_large": 413, "corrupt": 422}
+
+
 def decode(data: bytes, max_pixels: int, reduce_to: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Image bytes → (uint8 [h, w, 3] RGB, the image's (height, width) as shown), checking the
-    pixel count from the header first. With `reduce_to` a JPEG may decode at a reduced scale
+    format and pixel count from the header first (`ssd.image.decode_checked`, the decoder of
+    the MLflow model too). With `reduce_to` a JPEG may decode at a reduced scale
     (`ssd.image.reduce_for`), so h, w can be smaller than the size returned beside them."""
     try:
-        image = Image.open(io.BytesIO(data), formats=IDENTIFIED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise RequestError(413, f"image exceeds the limit of {max_pixels} pixels ({exc})") from None
-    except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
-        raise RequestError(400, f"body is not an image; send one of {', '.join(ACCEPTED_TYPES)}") from None
-    with image:
-        if image.format not in ACCEPTED_TYPES.values():
-            raise RequestError(
-                415, f"{image.format} images are not accepted; send one of {', '.join(ACCEPTED_TYPES)}"
-            )
-        width, height = image.size
-        if width * height > max_pixels:
-            raise RequestError(
-                413, f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-            )
-        try:
-            shown_width, shown_height = displayed_size(image)  # decodes a PNG: its EXIF may follow the pixels
-            reduce_for(image, reduce_to)
-            return rgb_pixels(image), (shown_height, shown_width)  # the decoder of training and labelling
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise RequestError(422, f"{image.format} image data is corrupt or truncated: {exc}") from None
+        return decode_checked(data, max_pixels=max_pixels, reduce_to=reduce_to)
+    except ImageError as exc:
+        message = str(exc)
+        if exc.reason == "not_image":
+            message = f"body is not an image; send one of {', '.join(ACCEPTED_TYPES)}"
+        elif exc.reason == "format":
+            message = message.split(";")[0] + f"; send one of {', '.join(ACCEPTED_TYPES)}"
+        raise RequestError(_STATUS[exc.reason], message) from None
 
 
 def prepare(data: bytes, max_pixels: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:

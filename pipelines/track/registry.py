@@ -62,7 +62,7 @@ def log_model(
     value = float(ckpt.get("metrics", {}).get(metric, float("nan")))
     tags = {"config": cfg.name, metric: str(value), "epoch": str(ckpt["epoch"]), "step": str(ckpt["step"])}
     logged = tracker.safely(
-        "logging the model", _log_pyfunc, tracker, Path(checkpoint_file), cfg.model.image_size, tags
+        "logging the model", _log_pyfunc, tracker, Path(checkpoint_file), cfg.inference.max_detections, tags
     )
     if logged is None or register_as is None:
         return None
@@ -71,7 +71,7 @@ def log_model(
     )
 
 
-def _log_pyfunc(tracker: Tracker, checkpoint_file: Path, image_size: int, tags: dict[str, str]) -> Any:
+def _log_pyfunc(tracker: Tracker, checkpoint_file: Path, max_detections: int, tags: dict[str, str]) -> Any:
     """Log the model by hand with the tracker's client (``mlflow.pyfunc.log_model`` would use
     the global tracking URI and experiment). Returns the `mlflow.entities.LoggedModel`."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
@@ -86,7 +86,7 @@ def _log_pyfunc(tracker: Tracker, checkpoint_file: Path, image_size: int, tags: 
         with warnings.catch_warnings():
             # We give a signature; an input example would load and run the model at every log.
             warnings.filterwarnings("ignore", message=".*input example was not provided")
-            _save_pyfunc(local, source, image_size, tracker.run_id, logged)
+            _save_pyfunc(local, source, max_detections, tracker.run_id, logged)
         for pycache in local.rglob("__pycache__"):
             shutil.rmtree(pycache, ignore_errors=True)
         client.log_model_artifacts(logged.model_id, str(local))
@@ -94,7 +94,7 @@ def _log_pyfunc(tracker: Tracker, checkpoint_file: Path, image_size: int, tags: 
     return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
 
 
-def _save_pyfunc(local: Path, source: Path, image_size: int, run_id: str, logged: Any) -> None:
+def _save_pyfunc(local: Path, source: Path, max_detections: int, run_id: str, logged: Any) -> None:
     import mlflow
     from mlflow.models import Model
 
@@ -103,7 +103,7 @@ def _save_pyfunc(local: Path, source: Path, image_size: int, run_id: str, logged
         python_model=str(MODEL_CODE),
         artifacts={"checkpoint": str(source)},
         code_paths=[str(SSD_PACKAGE)],  # the loader imports ssd: ship it with the model
-        signature=_signature(image_size),
+        signature=_signature(max_detections),
         pip_requirements=_requirements(),  # inferring them would import the model in a subprocess
         mlflow_model=Model(
             artifact_path=logged.artifact_location,
@@ -128,24 +128,32 @@ def _named_checkpoint(checkpoint_file: Path, tmp: Path) -> Path:
     return copy
 
 
-def _signature(image_size: int) -> Any:
-    """uint8 images [-1, 3, S, S] in; per image boxes [K, 4] xyxy pixels, scores [K], labels [K]
-    and class names [K] out."""
-    import numpy as np
+def _signature(max_detections: int) -> Any:
+    """A column ``image`` of encoded image bytes in (base64 in JSON); per image boxes [K, 4]
+    xyxy in its own pixels, scores [K], labels [K], class names [K] and its size out; params
+    ``score_threshold`` and ``max_detections`` (the model's own default)."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, image_size, image_size))]),
+        inputs=Schema([ColSpec(DataType.binary, "image")]),
         outputs=Schema(
             [
                 ColSpec(Array(Array(DataType.float)), "boxes"),
                 ColSpec(Array(DataType.float), "scores"),
                 ColSpec(Array(DataType.long), "labels"),
+                ColSpec(Array(DataType.string), "names"),
+                ColSpec(DataType.long, "width"),
+                ColSpec(DataType.long, "height"),
             ]
         ),
-        params=ParamSchema([ParamSpec("score_threshold", DataType.float, C.ANSWER_SCORE_THRESHOLD)]),
+        params=ParamSchema(
+            [
+                ParamSpec("score_threshold", DataType.float, C.ANSWER_SCORE_THRESHOLD),
+                ParamSpec("max_detections", DataType.long, max_detections),
+            ]
+        ),
     )
 
 
@@ -153,7 +161,7 @@ def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("mlflow", "torch", "torchvision", "numpy", "pyyaml", "pillow"):
+    for package in ("mlflow", "torch", "torchvision", "numpy", "pandas", "pyyaml", "pillow"):
         try:
             pins.append(f"{package}=={version(package)}")
         except PackageNotFoundError:

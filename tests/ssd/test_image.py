@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.io import decode_jpeg
 
-from ssd.image import decode_image, displayed_size, network_input
+from ssd.image import ImageError, decode_checked, decode_image, displayed_size, network_input
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
 
@@ -144,3 +144,23 @@ def test_a_corrupt_png_raises_although_reading_its_exif_decodes_it(tmp_path):
         decode_image(broken)
     (tmp_path / "broken.png").write_bytes(broken)
     assert inspect_image(pafs.LocalFileSystem(), str(tmp_path / "broken.png"))[2] == "corrupt"  # ingest
+
+
+def test_decode_checked_refuses_from_the_header_and_names_why():
+    """The decoder of untrusted bytes (serving, the MLflow model): the format and the pixel
+    count are checked before any pixel is decoded; each refusal says which it is."""
+    pixels, shown = decode_checked(_photo("PNG", 6))  # turned: shown 16 wide, 24 high
+    assert pixels.shape == (24, 16, 3) and shown == (24, 16)
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, "GIF")
+    broken = corrupt_png(np.random.default_rng(0).integers(0, 256, (16, 20, 3), dtype=np.uint8))
+    cases = {
+        "not_image": (b"\x00 plain bytes" * 8, "not an image"),
+        "format": (gif.getvalue(), "GIF images are not accepted"),
+        "too_large": (_photo("PNG", 1), "24x16 = 384 pixels exceeds the limit of 383"),
+        "corrupt": (broken, "PNG image data is corrupt or truncated"),
+    }
+    for reason, (data, message) in cases.items():
+        with pytest.raises(ImageError, match=message) as refused:
+            decode_checked(data, max_pixels=383)
+        assert refused.value.reason == reason
