@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from jobs.options import run_job
+from pipelines.label.datasets import DEFAULT_MIN_SCORE, FORMATS
 from pipelines.label.launch import LabelOptions, label
 
 DESCRIPTION = """Label images with a trained model on Ray Data: decoding and resizing run as Ray tasks,
@@ -24,11 +25,21 @@ labels/*.parquet (one row per image: image_id, path, width, height, boxes [K, 4]
 scores, labels, category_ids, category_names), detections.json (COCO results), images.json (COCO
 image info: image id -> path, and the categories), errors.json (images that could not be read, and
 why), ingest_report.json, samples.jpg and summary.json. Folder images are numbered 0..N-1 in sorted
-path order. The run is logged to MLflow with the model version it used."""
+path order. With --format, DIR also receives the detections scoring at least --min-score as a
+training dataset with its own copy of the images: coco-dataset/ (images/ and
+annotations/instances_default.json, for rayssd train, CVAT and Label Studio) or yolo-dataset/
+(images/, labels/ and data.yaml, for rayssd train and Ultralytics). MODEL may also be an ONNX file
+from `rayssd export`, run on ONNX Runtime. The run is logged to MLflow with the model version it
+used."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="URI", help="checkpoint path or MLflow model URI")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="URI",
+        help="checkpoint path, MLflow model URI or ONNX file from rayssd export",
+    )
     parser.add_argument(
         "--input",
         required=True,
@@ -73,6 +84,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep detections scoring above S (default: the model's inference.score_threshold)",
     )
     parser.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=FORMATS,
+        default=[],
+        help="also write the detections as a training dataset in DIR: coco-dataset or yolo (repeat for both)",
+    )
+    parser.add_argument(
+        "--min-score",
+        type=float,
+        metavar="S",
+        help=f"score a detection needs to enter a --format dataset (default: {DEFAULT_MIN_SCORE})",
+    )
+    parser.add_argument(
         "--strict", action="store_true", help="fail on the first unreadable image, naming the file"
     )
     parser.add_argument(
@@ -106,6 +131,8 @@ def options(args: argparse.Namespace) -> LabelOptions:
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
         score_threshold=args.score_threshold,
+        formats=tuple(dict.fromkeys(args.formats)),
+        min_score=args.min_score,
         strict=args.strict,
         experiment=args.experiment,
         run_name=args.run_name,

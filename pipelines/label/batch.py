@@ -27,6 +27,8 @@ a COCO results file. The output directory holds (`outputs.LABEL_OUTPUTS`):
     ingest_report.json `pipelines.data.validation.IngestReport` of the source
     samples.jpg        a grid of the first labelled images with their detections
     summary.json       counts, timings, model lineage, mAP with ``evaluate``
+    coco-dataset/      with ``dataset_formats``: the detections as a training dataset
+    yolo-dataset/      (`pipelines.label.datasets`)
 
 Image ids are the source's: COCO's own ids, a VOC image's place among the annotation files,
 and for an image folder 0..N-1 in sorted path order (unreadable files keep their number).
@@ -50,6 +52,7 @@ import torch
 from pipelines.data.datasets import DatasetInfo, coco_ground_truth, read_dataset
 from pipelines.data.samples import preprocess, read_image
 from pipelines.data.sources import Probe, open_source
+from pipelines.label import datasets as label_datasets
 from pipelines.label import outputs
 from pipelines.track.models import pinned_uri
 from ssd.evaluate import CocoEvaluator
@@ -423,6 +426,8 @@ def label_source(
     strict: bool = False,
     overwrite: bool = False,
     score_threshold: float | None = None,
+    dataset_formats: Sequence[str] = (),
+    min_score: float = label_datasets.DEFAULT_MIN_SCORE,
     mlflow_run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Label every readable image of `source` with `model` and write the files of the module
@@ -432,15 +437,18 @@ def label_source(
     image folder, files without an image extension are listed in ``errors.json``; with
     `strict` the first bad image raises `pipelines.data.datasets.DataValidationError` instead.
     With `evaluate`, the source must be labelled (COCO or VOC) with the model's classes, and
-    the summary holds `CocoEvaluator.summarize`'s metrics of the labelled images.
-    `workers` detector actors take `num_cpus` CPUs each (default `detector_cpus` of the Ray
-    cluster) and `num_gpus` GPUs.
+    the summary holds `CocoEvaluator.summarize`'s metrics of the labelled images. Each of
+    `dataset_formats` (`pipelines.label.datasets.FORMATS`) also writes the detections scoring
+    at least `min_score` as a training dataset (`pipelines.label.datasets`). `workers` detector
+    actors take `num_cpus` CPUs each (default `detector_cpus` of the Ray cluster) and
+    `num_gpus` GPUs.
 
     Returns the summary written to ``summary.json``: ``images`` (labelled), ``errors``,
     ``skipped``, ``detections``, ``seconds`` and ``images_per_s`` of the Ray Data pass (decode,
     detect, write Parquet), ``total_seconds`` (reading and checking the source included),
     ``model`` (uri, name, version, run_id, the URI workers loaded), ``input``, ``out``,
-    ``files``, ``metrics`` (None without `evaluate`) and `mlflow_run` as given (the caller's run).
+    ``files``, ``metrics`` (None without `evaluate`), ``datasets`` (per format: dir, file, images,
+    annotations, min_score) and `mlflow_run` as given (the caller's run).
     """
     from pipelines.track.tracker import tracking_uri as resolve_tracking_uri
 
@@ -476,6 +484,13 @@ def label_source(
     )
     seconds = time.perf_counter() - labelled
     images, detections, samples = outputs.write_results(location, model.dataset, evaluator)
+    written = label_datasets.write_datasets(
+        location,
+        location.join(outputs.LABELS_DIR).path,
+        tuple(dataset_formats),
+        model.dataset,
+        min_score=min_score,
+    )
     outputs.write(
         location,
         outputs.SAMPLES_FILE,
@@ -497,7 +512,12 @@ def label_source(
         "workers": workers,
         "cpus_per_worker": num_cpus,
         "metrics": outputs.without_text(evaluator.summarize()) if evaluator is not None else None,
-        "files": {name: location.join(name).uri for name in outputs.LABEL_OUTPUTS},
+        "datasets": written,
+        "files": {
+            name: location.join(name).uri
+            for name in outputs.LABEL_OUTPUTS
+            if name not in outputs.DATASET_DIRS or name in {label_datasets.DIRS[f] for f in written}
+        },
         "mlflow_run": mlflow_run,
         "total_seconds": time.perf_counter() - start,
     }

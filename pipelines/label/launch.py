@@ -36,6 +36,8 @@ class LabelOptions:
     cpus_per_worker: float | None = None  # default: `batch.detector_cpus`
     gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
     score_threshold: float | None = None  # default: the model's inference.score_threshold
+    formats: tuple[str, ...] = ()  # also write the detections as these datasets (coco-dataset, yolo)
+    min_score: float | None = None  # of a detection in those datasets; default datasets.DEFAULT_MIN_SCORE
     strict: bool = False
     experiment: str = "rayssd-label"
     run_name: str | None = None  # default: label-YYYYmmdd-HHMMSS
@@ -56,6 +58,16 @@ class LabelOptions:
                 f"--cpus-per-worker {self.cpus_per_worker} and --gpus-per-worker {self.gpus_per_worker}: "
                 "expected CPUs > 0 and GPUs >= 0"
             )
+        from pipelines.label.datasets import FORMATS
+
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"--format {unknown[0]}: expected one of {', '.join(FORMATS)}")
+        if self.min_score is not None:
+            if not self.formats:
+                raise ValueError("--min-score selects the detections of --format datasets; pass --format too")
+            if not 0.0 <= self.min_score <= 1.0:
+                raise ValueError(f"--min-score {self.min_score}: expected a score in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +94,7 @@ def label(o: LabelOptions) -> dict[str, Any]:
 
     from pipelines.data.sources import open_source
     from pipelines.label.batch import detector_cpus, label_source, require_labelled_source
+    from pipelines.label.datasets import DEFAULT_MIN_SCORE
     from pipelines.label.outputs import check_output
     from pipelines.track.models import load_model
 
@@ -114,6 +127,8 @@ def label(o: LabelOptions) -> dict[str, Any]:
             strict=o.strict,
             overwrite=o.overwrite,
             score_threshold=o.score_threshold,
+            dataset_formats=o.formats,
+            min_score=DEFAULT_MIN_SCORE if o.min_score is None else o.min_score,
             mlflow_run={"uri": tracker.uri, "run_id": tracker.run_id} if tracker.enabled else None,
         )
     except KeyboardInterrupt:
@@ -200,6 +215,8 @@ def _log_outcome(tracker: Any, summary: dict[str, Any]) -> None:
     }
     metrics = summary["metrics"] or {}
     numbers.update({f"eval.{key}": value for key, value in metrics.items() if isinstance(value, float)})
+    for fmt, written in (summary.get("datasets") or {}).items():
+        numbers[f"{fmt}.annotations"] = written["annotations"]
     tracker.log_metrics(numbers, step=0)
     files = summary["files"]
     for name in ("samples.jpg", "summary.json", "errors.json", "images.json"):
@@ -231,6 +248,13 @@ def format_label_summary(summary: dict[str, Any]) -> str:
         f"outputs in {summary['out']}: labels/*.parquet, detections.json, images.json, errors.json, "
         "samples.jpg, summary.json"
     )
+    for fmt, written in (summary.get("datasets") or {}).items():
+        left_out = written.get("left_out") or []
+        lines.append(
+            f"{fmt}: {written['images']} images, {written['annotations']} objects scoring >= "
+            f"{written['min_score']:g} in {written['file']}"
+            + (f" (left out, a name stem taken in their folder: {', '.join(left_out)})" if left_out else "")
+        )
     return "\n".join(lines)
 
 

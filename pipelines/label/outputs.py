@@ -50,6 +50,7 @@ IMAGES_FILE = "images.json"
 ERRORS_FILE = "errors.json"
 SAMPLES_FILE = "samples.jpg"
 SUMMARY_FILE = "summary.json"
+DATASET_DIRS = ("coco-dataset", "yolo-dataset")  # `pipelines.label.datasets.DIRS`, with --format
 LABEL_OUTPUTS = (
     LABELS_DIR,
     DETECTIONS_FILE,
@@ -58,6 +59,7 @@ LABEL_OUTPUTS = (
     REPORT_FILE,
     SAMPLES_FILE,
     SUMMARY_FILE,
+    *DATASET_DIRS,
 )
 SKIPPED = "not_an_image"  # errors.json kind of a folder file without an image extension
 SAMPLE_IMAGES = 8
@@ -136,7 +138,7 @@ def write_results(
     with location.filesystem.open_output_stream(location.join(DETECTIONS_FILE).path) as stream:
         stream.write(b"[")
         for batch in parquet.to_batches():
-            rows = _rows(batch)
+            rows = parquet_rows(batch)
             for row in rows:
                 results = to_coco_results(
                     row["image_id"], row["boxes"], row["scores"], row["labels"], label_to_cat
@@ -165,7 +167,7 @@ def write_results(
     return len(images), detections, samples
 
 
-def _rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+def parquet_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
     """`LABEL_SCHEMA` rows as dicts of numbers, paths and numpy arrays (boxes [K, 4])."""
     cuts = np.cumsum(batch.column("scores").value_lengths().to_numpy(zero_copy_only=False))[:-1]
     boxes = np.split(batch.column("boxes").flatten().flatten().to_numpy().reshape(-1, 4), cuts)

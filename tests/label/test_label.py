@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from PIL import Image
 from pycocotools.coco import COCO
@@ -180,8 +181,9 @@ def test_the_cli_refuses_an_existing_output_and_a_folder_to_evaluate_before_ray_
     calls = [
         ("--model", trained, "--input", str(folder), "--out", str(tmp_path / "out")),
         ("--model", trained, "--input", str(folder), "--out", str(tmp_path / "new"), "--evaluate"),
+        ("--model", trained, "--input", str(folder), "--out", str(tmp_path / "new"), "--min-score", "0.3"),
     ]
-    for argv, needle in zip(calls, ("--overwrite", "ground truth")):
+    for argv, needle in zip(calls, ("--overwrite", "ground truth", "pass --format too")):
         with pytest.raises(SystemExit) as exit_info:
             label.main(list(argv))
         assert exit_info.value.code == 2
@@ -251,3 +253,76 @@ def test_an_onnx_export_labels_the_folder_as_the_torch_model_does(ray_local, fol
         np.testing.assert_allclose(row["scores"], want["scores"], atol=1e-5)
         tolerance = 1e-3 * max(row["width"], row["height"])
         np.testing.assert_allclose(np.array(row["boxes"]).reshape(-1, 4), want["boxes"], atol=tolerance)
+
+
+def test_labels_become_coco_and_yolo_datasets_that_read_back_as_the_detections(
+    ray_local, builtin, trained, tmp_path, capsys
+):
+    """`rayssd label --format coco-dataset --format yolo --min-score S`: both datasets hold a
+    copy of every image and exactly the detections scoring at least S; pycocotools and rayssd's
+    own COCO and YOLO readers (those of `rayssd train`) read them back without a problem. Of
+    two images with one name stem in a folder, YOLO keeps the first and names the other."""
+    from pipelines.data.datasets import read_dataset
+
+    source = tmp_path / "photos"
+    (source / "sub").mkdir(parents=True)
+    jpgs = sorted((builtin / "val" / "images").glob("*.jpg"))[:4]
+    for i, path in enumerate(jpgs):
+        shutil.copy(path, source / ("sub" if i % 2 else ".") / path.name)
+    with Image.open(jpgs[2]) as image:  # x.png beside x.jpg
+        image.convert("RGB").resize((120, 90)).save(source / jpgs[0].with_suffix(".png").name)
+    twin = str(source / jpgs[0].with_suffix(".png").name)
+    out = tmp_path / "out"
+    argv = ["--model", trained, "--input", str(source), "--out", str(out), "--no-tracking"]
+    with pytest.raises(SystemExit) as exit_info:
+        label.main([*argv, "--format", "coco-dataset", "--format", "yolo", "--min-score", "0.3"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "coco-dataset: 5 images" in printed and "yolo: 4 images" in printed, printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["datasets"]["yolo"]["left_out"] == [twin]
+
+    rows = {row["path"]: row for row in pq.read_table(out / "labels").to_pylist()}
+    expected = {}
+    for path, row in rows.items():
+        boxes = np.array(row["boxes"], np.float32).reshape(-1, 4)
+        flat = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])  # clipped to an edge: no box
+        keep = (np.array(row["scores"], np.float32) >= 0.3) & ~flat
+        boxes = boxes[keep]
+        expected[path] = (boxes, np.array(row["labels"])[keep], np.array(row["scores"], np.float32)[keep])
+    assert sum(len(e[1]) for e in expected.values()) >= 5  # not a comparison of empties
+    assert any(len(row["scores"]) > len(expected[path][1]) for path, row in rows.items())  # S cut some
+    relative = {path: str(Path(path).relative_to(source)) for path in rows}
+
+    coco_file = out / "coco-dataset" / "annotations" / "instances_default.json"
+    coco = COCO(str(coco_file))
+    assert sorted(im["file_name"] for im in coco.dataset["images"]) == sorted(relative.values())
+    class_names = checkpoint.load(trained)["dataset"]["class_names"]
+    assert [c["name"] for c in coco.dataset["categories"]] == list(class_names)
+    for path, (boxes, _, scores) in expected.items():
+        [image_id] = [im["id"] for im in coco.dataset["images"] if im["file_name"] == relative[path]]
+        assert image_id == rows[path]["image_id"]
+        copied = out / "coco-dataset" / "images" / relative[path]
+        assert copied.read_bytes() == Path(path).read_bytes()
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[image_id])), key=lambda a: -a["score"])
+        assert [a["score"] for a in anns] == pytest.approx(scores.tolist(), abs=1e-5)
+        xywh = np.array([a["bbox"] for a in anns]).reshape(-1, 4)
+        np.testing.assert_allclose(xywh[:, :2], boxes[:, :2], atol=0.01)
+        np.testing.assert_allclose(xywh[:, :2] + xywh[:, 2:], boxes[:, 2:], atol=0.02)
+
+    yaml_file = out / "yolo-dataset" / "data.yaml"
+    assert "path" not in yaml.safe_load(yaml_file.read_text())
+    assert not (out / "yolo-dataset" / "images" / relative[twin]).exists()
+    for source_file, fmt in ((coco_file, "coco-dataset"), (yaml_file, "yolo")):
+        ds, _, report = read_dataset(str(source_file))
+        assert not report.entries, (fmt, report.entries[:3])
+        images = out / f"{fmt.removesuffix('-dataset')}-dataset" / "images"
+        back = {str(Path(r["path"]).relative_to(images)): r for r in ds.take_all()}
+        want = {relative[p]: e for p, e in expected.items() if not (fmt == "yolo" and p == twin)}
+        assert set(back) == set(want), fmt
+        for name, (boxes, labels, _) in want.items():
+            order = np.lexsort(boxes.T[::-1])
+            got = np.asarray(back[name]["boxes"], np.float32).reshape(-1, 4)
+            got_order = np.lexsort(got.T[::-1])
+            np.testing.assert_allclose(got[got_order], boxes[order], atol=0.02, err_msg=f"{fmt} {name}")
+            assert np.asarray(back[name]["labels"])[got_order].tolist() == labels[order].tolist()
