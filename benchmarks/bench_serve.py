@@ -15,6 +15,10 @@ threshold.
    p50/p99 latency, and the CPU the load generator's loop took (cores).
    goals: at 32 clients >= 80 % of the direct batched rate;
           at 1 client p50 overhead over the direct batch-1 call <= 15 ms.
+3. Engines: `rayssd serve` of the torch checkpoint and of its `rayssd export` ONNX file (ONNX
+   Runtime in the detector replica), `tiny` and a seeded random `ssdlite320`, at 32 clients
+   (or the most given), each deployed in turn on the same port.
+   goal: ONNX Runtime >= 1.3x torch images/s.
 The clients share the machine with the server (on 2 cores they take part of a core).
 """
 
@@ -47,16 +51,28 @@ from ssd.synthetic import CLASS_NAMES, make_scene
 
 GOAL_THROUGHPUT = 0.80  # serve at 32 clients / direct at the serve batch size
 GOAL_OVERHEAD_MS = 15.0  # serve p50 at 1 client - direct p50 at batch 1
+GOAL_ENGINE = 1.3  # serve images/s on ONNX Runtime / on torch, same model
+ENGINE_PRESETS = ("tiny", "ssdlite320")
 REQUEST_TIMEOUT_S = 120.0  # one answer; a server that hangs fails the run instead of stalling it
 
 
-def _tiny_model(directory: str) -> str:
-    """The `tiny` preset with seeded random weights, for the built-in classes."""
-    cfg = C.override(C.preset("tiny"), [f"model.num_classes={len(CLASS_NAMES) + 1}"])
+def _tiny_model(directory: str, preset: str = "tiny") -> str:
+    """The `preset` (default `tiny`) with seeded random weights, for the built-in classes."""
+    cfg = C.override(C.preset(preset), [f"model.num_classes={len(CLASS_NAMES) + 1}"])
     torch.manual_seed(0)
     dataset = {"class_names": list(CLASS_NAMES), "category_ids": list(range(1, len(CLASS_NAMES) + 1))}
     ckpt = checkpoint.make_checkpoint(build_ssd(cfg).eval(), cfg, dataset, epoch=0, step=0)
-    return str(checkpoint.save(checkpoint.for_inference(ckpt), directory))
+    return str(checkpoint.save(checkpoint.for_inference(ckpt), os.path.join(directory, preset)))
+
+
+def _exported(model_uri: str, directory: str) -> str:
+    """`model_uri` as `rayssd export` writes it (ONNX; the model's own thresholds)."""
+    from ssd import export
+
+    loaded = load_model(model_uri)
+    out = os.path.join(directory, f"{loaded.cfg.name}-{os.getpid()}.onnx")
+    export.export(loaded.model, loaded.cfg, loaded.dataset, out)
+    return out
 
 
 def _image() -> bytes:
@@ -182,6 +198,18 @@ def run(model_uri: str | None, clients: list[int], quick: bool) -> dict[str, dic
                 seconds = 4.0 if quick else 20.0
                 results[f"serve, {c} client{'s' if c > 1 else ''}"] = closed_loop(url, data, c, seconds, 1.0)
             results["serve stats"] = serving.stats()
+            serving.shutdown()
+            models = {load_model(uri).cfg.name: uri}
+            for preset in ENGINE_PRESETS:
+                models.setdefault(preset, _tiny_model(tmp, preset))
+            most = max(clients)
+            for name, model in models.items():
+                for engine, served in (("torch", model), ("ONNX Runtime", _exported(model, tmp))):
+                    url = serving.deploy(served, port=_free_port(), detector_cpus=1.0)
+                    seconds = 4.0 if quick else 12.0
+                    key = f"engine {name}, {engine}, {most} clients"
+                    results[key] = closed_loop(url, data, most, seconds, 2.0)
+                    serving.shutdown()
         finally:
             serving.shutdown()
             ray.shutdown()
@@ -209,6 +237,16 @@ def format_table(results: dict[str, dict], clients: list[int]) -> str:
         lines.append(
             f"p50 overhead at 1 client over direct batch 1: {overhead:.1f} ms "
             f"(goal <= {GOAL_OVERHEAD_MS:g} ms: {'met' if overhead <= GOAL_OVERHEAD_MS else 'NOT met'})"
+        )
+    for name in dict.fromkeys(n.split(",")[0] for n in results if n.startswith("engine ")):
+        torch_rate, onnx_rate = (
+            results[f"{name}, {engine}, {max(clients)} clients"]["images_per_s"]
+            for engine in ("torch", "ONNX Runtime")
+        )
+        ratio = onnx_rate / torch_rate
+        lines.append(
+            f"{name.removeprefix('engine ')} served on ONNX Runtime / on torch at {max(clients)} clients: "
+            f"{ratio:.2f} (goal >= {GOAL_ENGINE:.2f}: {'met' if ratio >= GOAL_ENGINE else 'NOT met'})"
         )
     stats = results["serve stats"]
     lines.append(f"detector batch sizes seen (size: batches): {stats['batch_sizes']}")

@@ -21,15 +21,21 @@ GET /model, GET /stats, OpenAPI at /docs. A FastAPI ingress decodes and checks r
 (413 over the byte or pixel limit, 415 other types, 400/422 bad images) and sends the
 requests that wait together to a separate detector deployment in one call (--max-batch-size,
 --batch-wait-ms), which scales on its own (--replicas N or --autoscale MIN:MAX). --name and
---route-prefix put several models side by side on one cluster. MODEL is a checkpoint file (or a folder holding
-checkpoint.pt), runs:/RUN_ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION; an alias is
-resolved once at start. The deployment's life is one MLflow run (experiment rayssd-serve):
+--route-prefix put several models side by side on one cluster. MODEL is a checkpoint file (or
+a folder holding checkpoint.pt), runs:/RUN_ID/PATH, models:/NAME@ALIAS or models:/NAME/VERSION
+(an alias is resolved once at start), or an ONNX file from `rayssd export`, which the detector
+replicas run on ONNX Runtime. The deployment's life is one MLflow run (experiment rayssd-serve):
 the model version served as params, request counts, errors by status, p50/p95/p99 latency
 and batch sizes as metrics every --metrics-every seconds. Stop with Ctrl-C."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="URI", help="checkpoint path or MLflow model URI")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="URI",
+        help="checkpoint path, MLflow model URI or ONNX file from rayssd export",
+    )
     parser.add_argument(
         "--name",
         default="rayssd",
