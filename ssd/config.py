@@ -118,6 +118,9 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     grad_clip_norm: float | None = None
     neg_pos_ratio: float = NEG_POS_RATIO
+    # Hard negatives every image gives at least, so images without objects teach what is not
+    # one (0 = the paper's rule: ratio x positives, none from an empty image); `ssd.loss`.
+    min_negatives: int = 0
     loc_weight: float = 1.0  # alpha in L = (L_cls + alpha * L_loc) / N
     iou_threshold: float = IOU_THRESHOLD
     num_workers: int = 2
@@ -427,6 +430,7 @@ def validate(cfg: Config) -> Config:
         (t.warmup_epochs >= 0, "train.warmup_epochs", "must be >= 0"),
         (t.grad_clip_norm is None or t.grad_clip_norm > 0, "train.grad_clip_norm", "must be > 0"),
         (t.neg_pos_ratio > 0, "train.neg_pos_ratio", "must be > 0"),
+        (t.min_negatives >= 0, "train.min_negatives", "must be >= 0"),
         (t.loc_weight >= 0, "train.loc_weight", "must be >= 0"),
         (0 < t.iou_threshold < 1, "train.iou_threshold", "must be in (0, 1)"),
         (t.num_workers >= 1, "train.num_workers", "must be >= 1"),

@@ -75,6 +75,7 @@ class TrainStep:
             loc_targets.float(),
             neg_pos_ratio=t.neg_pos_ratio,
             alpha=t.loc_weight,
+            min_negatives=t.min_negatives,
         )
         if not torch.isfinite(losses["loss"]):
             raise FloatingPointError(

@@ -106,3 +106,75 @@ def test_an_image_without_ground_truth_gets_no_hard_negatives_in_a_mixed_batch()
     )
     assert not mask[1].any() and ce.numel() == DEFAULTS.shape[0]
     assert out["num_neg"] == 3 * out["num_pos"]
+
+
+def test_min_negatives_lets_an_empty_image_teach_and_keeps_the_loss_comparable():
+    """train.min_negatives = k: every image mines max(3 x positives, k) hard negatives, an
+    image without objects k of its highest-loss boxes; L_cls is divided by
+    sum_i max(pos_i, k / 3), so an image mining its 3:1 share counts as under the paper's rule.
+    With k = 0 the loss is the paper's, bit for bit."""
+    boxes, labels, cls_logits, loc_preds = random_batch(11, images=3)
+    boxes[1], labels[1] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    cls_t, loc_t = encode_targets_batch(boxes, labels, DEFAULTS)
+    paper = multibox_loss(cls_logits, loc_preds, cls_t, loc_t)
+    same = multibox_loss(cls_logits, loc_preds, cls_t, loc_t, min_negatives=0)
+    assert all(torch.equal(paper[key], same[key]) for key in paper)
+
+    positives = (cls_t > 0).sum(1)  # [3], image 1 has none
+    k = int(3 * positives[0]) + 5  # more than image 0's share too; image 2's share may exceed it
+    out = multibox_loss(cls_logits, loc_preds, cls_t, loc_t, min_negatives=k)
+    ce = torch.nn.functional.cross_entropy(cls_logits.flatten(0, 1), cls_t.flatten(), reduction="none")
+    ce = ce.view_as(cls_t)
+    # the hand computation, one image at a time
+    total, kept = 0.0, 0
+    for i in range(3):
+        pos = cls_t[i] > 0
+        share = max(3 * int(pos.sum()), k)
+        negatives = ce[i][~pos].sort(descending=True).values[:share]
+        total += float(ce[i][pos].sum() + negatives.sum())
+        kept += len(negatives)
+    normaliser = sum(max(float(p), k / 3) for p in positives)
+    assert int(out["num_neg"]) == kept >= int(paper["num_neg"]) + k  # the empty image's k at least
+    torch.testing.assert_close(out["cls"], torch.tensor(total / normaliser), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["loc"], paper["loc"])  # L_loc keeps N = positives
+    assert float(out["cls"]) != pytest.approx(float(paper["cls"]))  # the empty image now teaches
+
+    # an empty image's negatives get gradient (under the paper's rule, none)
+    cls_logits.requires_grad_(True)
+    multibox_loss(cls_logits, loc_preds, cls_t, loc_t, min_negatives=k)["loss"].backward()
+    assert int((cls_logits.grad[1].abs().sum(-1) > 0).sum()) == k
+    cls_logits.grad = None
+    multibox_loss(cls_logits, loc_preds, cls_t, loc_t)["loss"].backward()
+    assert not cls_logits.grad[1].any()
+
+    # a batch of empty images: k negatives each over N_cls = B x k / 3, finite
+    empty = multibox_loss(cls_logits[1:2].detach(), loc_preds[1:2], cls_t[1:2], loc_t[1:2], min_negatives=k)
+    top = ce[1].sort(descending=True).values[:k].sum()
+    torch.testing.assert_close(empty["cls"], top / (k / 3), rtol=1e-5, atol=0)
+    assert empty["loc"] == 0
+
+
+def test_min_negatives_is_trained_with_and_checked_by_the_config():
+    """TrainStep (the one step every training path runs) mines by the config's rule."""
+    from ssd.config import ConfigError
+    from ssd.model import build_ssd
+    from ssd.optim import build_optimizer
+    from ssd.step import TrainStep
+
+    assert CFG.train.min_negatives == 0  # the paper's rule by default
+    with pytest.raises(ConfigError, match=r"train\.min_negatives"):
+        C.override(CFG, ["train.min_negatives=-1"])
+    cfg = C.override(CFG, ["train.min_negatives=20", f"model.num_classes={NUM_CLASSES}"])
+    boxes, labels, _, _ = random_batch(2, images=2)
+    boxes[1], labels[1] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    cls_t, loc_t = encode_targets_batch(boxes, labels, DEFAULTS)
+    images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
+    for min_negatives, extra in ((0, 0), (20, 20)):
+        trained = C.override(cfg, [f"train.min_negatives={min_negatives}"])
+        torch.manual_seed(0)
+        model = build_ssd(trained)
+        step = TrainStep(
+            model, build_optimizer(model, trained.train), trained.train, total_steps=1, steps_per_epoch=1
+        )
+        out = step(images, cls_t, loc_t)
+        assert int(out["num_neg"]) == max(3 * int((cls_t[0] > 0).sum()), min_negatives) + extra
