@@ -34,7 +34,8 @@ checkpoint (--max-failures); --resume continues a stopped run. The val split is 
 with COCO mAP every train.eval_every epochs and at the end. Rank 0 logs params, metrics,
 pictures and the best checkpoint to MLflow ($MLFLOW_TRACKING_URI, default
 sqlite:///mlflow.db); the final model is registered and takes the `champion` alias if its
-mAP beats the current champion's."""
+mAP beats the current champion's and no class's AP drops by more than --max-class-drop (the
+decision and per-class deltas are printed and logged on the run)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--register-as", help="MLflow registered model name (default: rayssd-PRESET); 'none' to skip"
     )
     parser.add_argument(
+        "--max-class-drop",
+        type=float,
+        default=0.05,
+        metavar="D",
+        help="champion gate: the alias moves to the new version only if its val mAP beats the "
+        "champion's and no class's AP drops by more than D (default: 0.05)",
+    )
+    parser.add_argument(
         "--placement",
         default="PACK",
         choices=["PACK", "SPREAD", "STRICT_SPREAD"],
@@ -125,6 +134,7 @@ def options(args: argparse.Namespace) -> TrainOptions:
         keep_checkpoints=args.keep_checkpoints,
         experiment=args.experiment,
         register_as=args.register_as,
+        max_class_drop=args.max_class_drop,
         placement=args.placement,
         address=args.address,
         quiet=args.quiet,
@@ -166,6 +176,10 @@ def _print_summary(out: dict[str, Any]) -> None:
     if reg is not None:
         state = "now champion" if reg.champion else f"champion stays version {reg.previous_champion}"
         print(f"  registered models:/{reg.name}/{reg.version} ({reg.metric} {reg.value:.3f}; {state})")
+        if reg.gate is not None:
+            from pipelines.track.registry import format_gate
+
+            print("  " + format_gate(reg.gate).replace("\n", "\n  "))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,20 @@
 """Checkpoints as MLflow models: `log_model` logs one as a pyfunc model with models-from-code
 (`pipelines/track/pyfunc.py`, so nothing is pickled) in a `Tracker`'s run, registers it and
-moves the ``champion`` alias only when it beats the current holder.
+moves the ``champion`` alias only when it passes the champion gate: its overall metric beats
+the holder's and no class's AP drops by more than ``max_class_drop`` against the holder's.
+
+Per-class APs travel as the checkpoint metrics ``ap.<class>`` (`class_metrics`, logged per
+epoch by training) and as the registered version's tag ``per_class_ap`` (JSON), which the
+next version's gate reads. The decision, with every class's delta, is the new version's
+tag ``champion_gate`` and the artifact ``champion_gate.txt`` of its run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
 import shutil
 import tempfile
 import warnings
@@ -23,6 +32,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the logged model's name inside its run
+MAX_CLASS_DROP = 0.05  # the most a class's AP may fall against the champion's
+CLASS_METRIC_PREFIX = "ap."
+PER_CLASS_TAG = "per_class_ap"
+GATE_TAG = "champion_gate"
+GATE_FILE = "champion_gate.txt"
 MODEL_CODE = Path(__file__).with_name("pyfunc.py")
 SSD_PACKAGE = Path(__file__).resolve().parents[2] / "ssd"
 
@@ -35,6 +49,91 @@ class RegisteredVersion:
     value: float  # the new version's metric (nan when the checkpoint lacks it)
     champion: bool  # the alias now points at the new version
     previous_champion: str | None  # version that held the alias before, if any
+    gate: dict[str, Any] | None = None  # `champion_gate`'s decision, with per-class deltas
+
+
+def class_metrics(per_class: dict[str, float]) -> dict[str, float]:
+    """Per-class AP {class name: AP} as metrics ``ap.<name>`` (characters MLflow keys may not
+    hold become ``_``)."""
+    return {CLASS_METRIC_PREFIX + re.sub(r"[^\w.\- :/]", "_", k): float(v) for k, v in per_class.items()}
+
+
+def class_aps(metrics: dict[str, Any]) -> dict[str, float]:
+    """The ``ap.<name>`` entries of a checkpoint's metrics, as {name: AP}."""
+    return {
+        key[len(CLASS_METRIC_PREFIX) :]: float(value)
+        for key, value in metrics.items()
+        if key.startswith(CLASS_METRIC_PREFIX) and isinstance(value, (int, float))
+    }
+
+
+def champion_gate(
+    metric: str,
+    value: float,
+    per_class: dict[str, float],
+    holder: dict[str, Any] | None,
+    max_class_drop: float = MAX_CLASS_DROP,
+) -> dict[str, Any]:
+    """Whether a new version with overall `metric` = `value` and APs `per_class` takes the
+    alias from `holder` ({version, value, per_class (None when unknown)}, None when there is
+    none). It does when there is no holder, or when `value` beats the holder's and no class
+    both have lost more than `max_class_drop` AP. Returns the decision: ``promote``,
+    ``reason``, and ``classes`` [{class, champion, new, delta, regressed}] of the classes both
+    know."""
+    decision: dict[str, Any] = {
+        "promote": True,
+        "metric": metric,
+        "value": value,
+        "max_class_drop": max_class_drop,
+        "champion_version": None,
+        "champion_value": None,
+        "classes": [],
+    }
+    if holder is None:
+        return {**decision, "reason": "no champion yet"}
+    decision.update(champion_version=holder["version"], champion_value=holder["value"])
+    theirs = holder.get("per_class")
+    if theirs:
+        for name in sorted(set(theirs) & set(per_class)):
+            delta = per_class[name] - theirs[name]
+            decision["classes"].append(
+                {
+                    "class": name,
+                    "champion": theirs[name],
+                    "new": per_class[name],
+                    "delta": delta,
+                    "regressed": delta < -max_class_drop,
+                }
+            )
+    regressed = [c["class"] for c in decision["classes"] if c["regressed"]]
+    better = not math.isnan(value) and (math.isnan(holder["value"]) or value > holder["value"])
+    if not better:
+        reason = f"{metric} {value:.4f} does not beat the champion's {holder['value']:.4f}"
+    elif regressed:
+        reason = (
+            f"{metric} {value:.4f} beats {holder['value']:.4f}, but AP drops by more than "
+            f"{max_class_drop:g} for {', '.join(regressed)}"
+        )
+    else:
+        reason = f"{metric} {value:.4f} beats {holder['value']:.4f}" + (
+            f" and no class drops by more than {max_class_drop:g}"
+            if theirs
+            else " (the champion has no per-class AP to compare)"
+        )
+    return {**decision, "promote": better and not regressed, "reason": reason}
+
+
+def format_gate(decision: dict[str, Any]) -> str:
+    """The decision as a few lines: the verdict and a table of per-class deltas."""
+    verdict = "promoted" if decision["promote"] else "not promoted"
+    lines = [f"champion gate: {verdict}: {decision['reason']}"]
+    if decision["classes"]:
+        lines.append(f"  {'class':<24} {'champion':>9} {'new':>9} {'delta':>9}")
+        for c in decision["classes"]:
+            flag = "  <- drops more than the limit" if c["regressed"] else ""
+            numbers = f"{c['champion']:>9.4f} {c['new']:>9.4f} {c['delta']:>+9.4f}"
+            lines.append(f"  {c['class'][:24]:<24} {numbers}{flag}")
+    return "\n".join(lines)
 
 
 def log_model(
@@ -44,10 +143,12 @@ def log_model(
     register_as: str | None,
     metric: str = "map",
     alias: str = "champion",
+    max_class_drop: float = MAX_CLASS_DROP,
 ) -> RegisteredVersion | None:
     """Log an inference checkpoint as the pyfunc model ``model`` of the tracker's run and,
-    with `register_as`, register it and move `alias` to it if its `metric` beats the
-    holder's.
+    with `register_as`, register it and move `alias` to it if it passes `champion_gate`
+    against the holder (its `metric` beats the holder's and no class's AP drops by more than
+    `max_class_drop`).
 
     Returns the registered version (None when not registering, when the tracker is
     disabled, or when logging failed, which is warned). A missing or invalid checkpoint
@@ -61,13 +162,17 @@ def log_model(
     cfg = checkpoint.config_of(ckpt)
     value = float(ckpt.get("metrics", {}).get(metric, float("nan")))
     tags = {"config": cfg.name, metric: str(value), "epoch": str(ckpt["epoch"]), "step": str(ckpt["step"])}
+    per_class = class_aps(ckpt.get("metrics", {}))
     logged = tracker.safely(
         "logging the model", _log_pyfunc, tracker, Path(checkpoint_file), cfg.inference.max_detections, tags
     )
     if logged is None or register_as is None:
         return None
+    if per_class:
+        tags[PER_CLASS_TAG] = json.dumps({k: round(v, 6) for k, v in per_class.items()})
+    gate = {"per_class": per_class, "max_class_drop": max_class_drop}
     return tracker.safely(
-        "registering the model", _register, tracker, register_as, logged, metric, value, alias, tags
+        "registering the model", _register, tracker, register_as, logged, metric, value, alias, tags, gate
     )
 
 
@@ -177,8 +282,10 @@ def _register(
     value: float,
     alias: str,
     tags: dict[str, str],
+    gate: dict[str, Any],
 ) -> RegisteredVersion:
-    """Register the logged model; `alias` moves only to a strictly better `metric`.
+    """Register the logged model; `alias` moves only to a version that passes `champion_gate`
+    (the decision is tagged on the version, written to its run and logged).
 
     Two jobs finishing at the same moment can both see the old holder; the later alias
     write wins. Rare enough for a training registry; a lock would need a second store.
@@ -195,19 +302,42 @@ def _register(
     )
     holder = _alias_holder(client, name, alias)
     previous = holder.version if holder is not None else None
-    champion = holder is None or value > _tagged(holder.tags, metric)
+    decision = champion_gate(
+        metric,
+        value,
+        gate["per_class"],
+        None if holder is None else _holder(holder, metric),
+        gate["max_class_drop"],
+    )
+    champion = decision["promote"]
     if champion:
         client.set_registered_model_alias(name, alias, version.version)
+    text = format_gate(decision)
+    finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in decision.items()}
+    client.set_model_version_tag(name, version.version, GATE_TAG, json.dumps(finite))
+    tracker.log_text(text + "\n", GATE_FILE)
     log.info(
-        "registered %s version %s (%s=%.4g); %s %s",
+        "registered %s version %s (%s=%.4g); %s %s\n%s",
         name,
         version.version,
         metric,
         value,
         alias,
         "moved to it" if champion else f"stays on version {previous}",
+        text,
     )
-    return RegisteredVersion(name, str(version.version), metric, value, champion, previous)
+    return RegisteredVersion(name, str(version.version), metric, value, champion, previous, decision)
+
+
+def _holder(holder: Any, metric: str) -> dict[str, Any]:
+    """The alias holder as `champion_gate` takes it. A holder without a tagged metric (set by
+    hand) is never displaced, a NaN one always is; one without per-class APs is compared
+    overall only."""
+    try:
+        per_class = json.loads(holder.tags.get(PER_CLASS_TAG, "null"))
+    except ValueError:
+        per_class = None
+    return {"version": str(holder.version), "value": _tagged(holder.tags, metric), "per_class": per_class}
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:

@@ -51,6 +51,7 @@ class TrainOptions:
     keep_checkpoints: int = 2  # 0: all
     experiment: str = "rayssd"
     register_as: str | None = None  # default rayssd-PRESET; "none" skips
+    max_class_drop: float = 0.05  # champion gate: the most a class's AP may fall (registry.champion_gate)
     placement: str = "PACK"
     address: str | None = None
     quiet: bool = False
@@ -82,6 +83,8 @@ def plan(o: TrainOptions) -> Plan:
     """Validate everything that can be checked before Ray starts; raises ValueError."""
     from pipelines.train.datasets import open_training_source
 
+    if not o.max_class_drop >= 0:
+        raise ValueError(f"--max-class-drop {o.max_class_drop}: expected an AP difference >= 0")
     if "://" in o.storage:
         raise ValueError(
             f"--storage {o.storage}: object-store URIs are not supported yet; give a local path, or on "
@@ -401,7 +404,9 @@ def _finish(o: TrainOptions, p: Plan, cfg: C.Config, result, tracker) -> dict[st
         )
         if finished and tracker.enabled:
             tracker.log_artifact(str(model_file), "checkpoints/final")
-            out["registered"] = log_model(tracker, str(model_file), register_as=register_as)
+            out["registered"] = log_model(
+                tracker, str(model_file), register_as=register_as, max_class_drop=o.max_class_drop
+            )
     tracker.end("FINISHED")
     out["mlflow_run_id"] = tracker.run_id if tracker.enabled else None
     out["mlflow_uri"] = tracker.uri if tracker.enabled else None

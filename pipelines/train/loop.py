@@ -257,7 +257,10 @@ def _evaluate_epoch(w: _Worker, shard: Any, epoch: int, metrics: dict[str, float
         w.bare, s.cfg, shard, w.device, s.val_ground_truth, label_to_cat, w.rank, w.world
     )
     if w.rank == 0:
+        from pipelines.track.registry import class_metrics
+
         metrics.update({k: v for k, v in coco.items() if isinstance(v, float)})
+        metrics.update(class_metrics(coco.get("per_class", {})))  # ap.<class>, for the champion gate
         w.best_map = max(w.best_map, metrics["map"])
     return pictures
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import time
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -26,7 +29,10 @@ def _start(uri: str, name: str, **kwargs) -> Tracker:
     return tracker
 
 
-def _tiny_checkpoint(directory, map_value: float, seed: int = 0):
+def _tiny_checkpoint(directory, map_value: float, seed: int = 0, per_class: dict | None = None):
+    """A tiny checkpoint whose metrics say val mAP `map_value` and per-class APs `per_class`."""
+    from pipelines.track.registry import class_metrics
+
     cfg = C.override(C.preset("tiny"), ["model.num_classes=3"])
     torch.manual_seed(seed)
     ckpt = checkpoint.make_checkpoint(
@@ -35,7 +41,7 @@ def _tiny_checkpoint(directory, map_value: float, seed: int = 0):
         dataset={"class_names": ["a", "b"], "category_ids": [3, 5]},
         epoch=1,
         step=1,
-        metrics={"map": map_value},
+        metrics={"map": map_value, **class_metrics(per_class or {})},
     )
     return checkpoint.save(checkpoint.for_inference(ckpt), directory)
 
@@ -187,6 +193,51 @@ def test_champion_alias_moves_only_to_a_better_model(mlflow_server, tmp_path):
     assert second.tags["map"] == "0.3" and second.tags["config"] == "tiny"
     # The OSS registry keeps no model_id column: the logged model is in the source URI.
     assert second.run_id is not None and second.source.startswith("models:/m-")
+
+
+def test_the_champion_gate_refuses_a_version_that_loses_a_class_while_gaining_overall(
+    mlflow_server, tmp_path
+):
+    """Version 2 beats version 1 overall but loses 0.2 AP on class b: refused, the decision
+    and its per-class deltas tagged on the version and written to its run; version 3 gains
+    overall and loses at most 0.05 on a class: promoted. Without per-class APs on the holder
+    the gate compares overall mAP only."""
+    from pipelines.track.registry import GATE_FILE, GATE_TAG, PER_CLASS_TAG
+
+    name = "gate-test"
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    steps = [
+        (0.40, {"a": 0.40, "b": 0.40}),
+        (0.45, {"a": 0.70, "b": 0.20}),  # +0.05 overall, b -0.20: refused
+        (0.42, {"a": 0.45, "b": 0.36}),  # +0.02 overall, b -0.04: promoted
+    ]
+    outcomes, runs = [], []
+    for i, (value, per_class) in enumerate(steps):
+        tracker = _start(mlflow_server, f"gate-{i}")
+        path = _tiny_checkpoint(tmp_path / str(i), value, per_class=per_class)
+        outcomes.append(log_model(tracker, str(path), register_as=name))
+        runs.append(tracker.run_id)
+        tracker.end()
+    assert [(o.version, o.champion) for o in outcomes] == [("1", True), ("2", False), ("3", True)]
+    assert client.get_model_version_by_alias(name, "champion").version == "3"
+
+    refused = outcomes[1].gate
+    assert refused["champion_version"] == "1" and "b" in refused["reason"]
+    deltas = {c["class"]: (round(c["delta"], 6), c["regressed"]) for c in refused["classes"]}
+    assert deltas == {"a": (0.3, False), "b": (-0.2, True)}
+    tagged = json.loads(client.get_model_version(name, "2").tags[GATE_TAG])
+    assert tagged["promote"] is False and tagged["classes"] == refused["classes"]
+    assert json.loads(client.get_model_version(name, "2").tags[PER_CLASS_TAG]) == {"a": 0.7, "b": 0.2}
+    where = {"run_id": runs[1], "artifact_path": GATE_FILE, "tracking_uri": mlflow_server}
+    text = Path(mlflow.artifacts.download_artifacts(**where)).read_text()
+    assert text.startswith("champion gate: not promoted") and "b" in text and "-0.2000" in text
+    assert outcomes[2].gate["promote"] and outcomes[2].gate["champion_version"] == "1"
+
+    tracker = _start(mlflow_server, "gate-3")  # against version 3, b -0.03 passes 0.05 but not 0.02
+    path = _tiny_checkpoint(tmp_path / "3", 0.43, per_class={"a": 0.5, "b": 0.33})
+    stricter = log_model(tracker, str(path), register_as=name, max_class_drop=0.02)
+    tracker.end()
+    assert not stricter.champion and [c["class"] for c in stricter.gate["classes"] if c["regressed"]] == ["b"]
 
 
 @pytest.mark.slow
