@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from jobs import data, demo, evaluate, export, label, prepare, quickstart, serve, submit, train
+from jobs import data, demo, evaluate, export, label, prepare, quickstart, serve, submit, train, tune
 from jobs.options import add_config_arguments, call_job, config_from_args
 from ssd import config as C
 
@@ -48,6 +48,7 @@ _JOBS = (
     ("quickstart", quickstart, "the whole system on this machine: data, Ray Train, MLflow, labelling, Serve"),
     ("prepare", prepare, "validate a dataset and cache its matched samples as Parquet (Ray Data)"),
     ("train", train, "train with Ray Train (DDP workers, Ray Data input, checkpoints, MLflow)"),
+    ("tune", tune, "search hyperparameters on Ray Tune (trials are train runs, ASHA, one MLflow search)"),
     ("evaluate", evaluate, "COCO mAP of a trained model (checkpoint or MLflow URI) on a labelled dataset"),
     ("label", label, "label images with a trained model on Ray Data (Parquet + COCO results, MLflow run)"),
     ("serve", serve, "serve a model over HTTP with Ray Serve (POST /detect), tracked in MLflow"),

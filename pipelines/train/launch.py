@@ -56,6 +56,11 @@ class TrainOptions:
     address: str | None = None
     quiet: bool = False
     param_digests: bool = False
+    # A trial of `rayssd tune` (`pipelines.train.tune`): its MLflow run is a child of the
+    # search's, and each epoch's report also goes to Ray Tune (TuneReportCallback).
+    parent_run_id: str | None = None
+    report_to_tune: bool = False
+    data_cpus: float | None = None  # CPUs per data task or actor; None: decided from the cluster
 
 
 @dataclasses.dataclass
@@ -239,6 +244,8 @@ def _cpu_split(p: Plan, resources: dict[str, float]) -> tuple[float, float, int]
             "use fewer --workers"
         )
     data_cpus = 1.0 if total - p.workers * cpus >= 2 else 0.25
+    if p.options.data_cpus is not None:  # trials side by side: each its own small share
+        data_cpus = p.options.data_cpus
     threads = max(1, int(cpus))
     if p.cpus_per_worker is None and total < p.workers + 2:
         # On a small machine the data pipeline runs ahead and then idles: let the workers'
@@ -251,10 +258,11 @@ def _start_tracking(o: TrainOptions, p: Plan, cfg: C.Config, data):
     from pipelines.track.tracker import Tracker, tracking_uri
 
     tags = {
-        "rayssd.job": "train",
+        "rayssd.job": "tune-trial" if o.parent_run_id else "train",
         "rayssd.preset": cfg.name,
         "rayssd.data": str(o.data),
         "rayssd.storage": str(p.storage),
+        **({"mlflow.parentRunId": o.parent_run_id} if o.parent_run_id else {}),
     }
     tracker = Tracker.start(
         uri=tracking_uri(), experiment=o.experiment, run_name=p.name, tags=tags, run_id=p.run_id
@@ -326,6 +334,11 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
         param_digests=o.param_digests,
     )
     resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if p.gpus_per_worker else {})}
+    callbacks = []
+    if o.report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
@@ -340,6 +353,7 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
             storage_path=str(p.storage),
             failure_config=FailureConfig(max_failures=o.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=o.keep_checkpoints or None),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

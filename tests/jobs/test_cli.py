@@ -21,7 +21,7 @@ def test_help_lists_only_working_commands():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {
         *("quickstart", "demo", "config", "presets", "data", "prepare", "train", "evaluate"),
-        *("export", "label", "serve", "submit", "bench"),
+        *("export", "tune", "label", "serve", "submit", "bench"),
     }
     for command in sub.choices:
         assert command in out.stdout
