@@ -49,18 +49,25 @@ def mlflow_server(tmp_path_factory):
         server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=root)
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_health(uri, server, log_path, timeout_s=60.0)
+        wait_for_health(uri, server, log_path, timeout_s=60.0)
         yield uri
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
-def _wait_for_health(uri: str, server: subprocess.Popen, log_path, timeout_s: float) -> None:
+def stop_process(server: subprocess.Popen) -> None:
+    """Terminate a server subprocess, killing it after 15 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def wait_for_health(uri: str, server: subprocess.Popen, log_path, timeout_s: float) -> None:
+    """Until `uri`/health answers 200 (MLflow's tracking and scoring servers both have it);
+    fails with the server's log when it exits or the time is up."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -73,7 +80,7 @@ def _wait_for_health(uri: str, server: subprocess.Popen, log_path, timeout_s: fl
             pass
         time.sleep(0.25)
     log_text = log_path.read_text(errors="replace")
-    pytest.fail(f"mlflow server at {uri} not healthy (exit code {server.poll()}); its log:\n{log_text}")
+    pytest.fail(f"server at {uri} not healthy (exit code {server.poll()}); its log:\n{log_text}")
 
 
 @pytest.fixture

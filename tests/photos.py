@@ -4,34 +4,17 @@ two inference engines on real pixels."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 
-
-def photo_paths() -> list[Path]:
-    from matplotlib import cbook
-
-    paths = [Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))]
-    try:
-        import sklearn
-
-        images = Path(sklearn.__file__).parent / "datasets" / "images"
-        paths += [images / "china.jpg", images / "flower.jpg"]
-    except ImportError:
-        pass
-    return paths
+from benchmarks.bench_scale import real_photographs  # the one list of shipped photographs
 
 
 def photo_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
     """`count` random crops (half to all of each side) of the photographs, resized to
     size x size: uint8 [count, 3, size, size] RGB."""
     rng = np.random.default_rng(seed)
-    photos = []
-    for path in photo_paths():
-        with Image.open(path) as image:
-            photos.append(image.convert("RGB"))
+    photos = real_photographs()
     out = []
     for k in range(count):
         photo = photos[k % len(photos)]

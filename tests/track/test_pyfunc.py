@@ -9,7 +9,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import requests
 import torch
 from PIL import Image
 
+from benchmarks.bench_scale import real_photographs
 from pipelines.data.builtin import write_builtin
 from pipelines.track.registry import log_model
 from pipelines.track.tracker import Tracker
@@ -26,7 +26,7 @@ from ssd import checkpoint
 from ssd.detector import Detector
 from ssd.image import network_input
 from ssd.synthetic import CLASS_NAMES
-from tests.photos import photo_paths
+from tests.conftest import stop_process, wait_for_health
 from tests.ports import free_port
 from tests.trained_tiny import train_tiny
 
@@ -46,8 +46,8 @@ def trained(tmp_path_factory) -> tuple[str, list[bytes]]:
     for k, path in enumerate(sorted((root / "val" / "images").iterdir())[:2]):
         with Image.open(path) as image:
             images.append(_encode(image.convert("RGB"), ("PNG", "JPEG")[k]))
-    with Image.open(photo_paths()[0]) as photo:
-        images.append(_encode(photo.convert("RGB").crop((40, 60, 340, 260)), "JPEG"))  # 300 x 200
+    photo = real_photographs()[0]
+    images.append(_encode(photo.crop((40, 60, 340, 260)), "JPEG"))  # 300 x 200
     return ckpt, images
 
 
@@ -77,24 +77,10 @@ def scoring_server(registered, tmp_path_factory):
         server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow models serve did not come up; its log:\n{log_path.read_text()}")
+        wait_for_health(url, server, log_path, timeout_s=120.0)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
