@@ -271,7 +271,7 @@ def _finish(o, name, storage, cfg, results, tracker, shown) -> dict[str, Any]:
     if trials and all(t["status"] == "failed" for t in trials):
         tracker.end("FAILED")
         first = next(result for result in results if result.error is not None)
-        raise JobError(f"every trial of search {name} failed; the first: {_first_line(first.error)}")
+        raise JobError(f"every trial of search {name} failed; the first: {_error_line(first.error)}")
     trials.sort(key=lambda t: -t["final_map"] if not math.isnan(t["final_map"]) else math.inf)
     out: dict[str, Any] = {"name": name, "trials": trials, "best": None, "registered": None}
     table = format_trials(trials, list(shown))
@@ -332,11 +332,11 @@ def _trial_row(result: Any, epochs: int) -> dict[str, Any]:
         "best_map": max(history) if history else math.nan,
         "config": config,
         "checkpoint": metrics.get("checkpoint_path"),
-        "error": _first_line(result.error) if result.error is not None else None,
+        "error": _error_line(result.error) if result.error is not None else None,
     }
 
 
-def _first_line(error: BaseException) -> str:
+def _error_line(error: BaseException) -> str:
     """The last line of a trial's error (its exception), as Tune wraps it."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1][:300] if lines else repr(error)
