@@ -1,6 +1,6 @@
 """Every benchmark in one run, one table of goals.
 
-    python -m benchmarks [--quick] [--only core,...,scale] [--markdown FILE] [--plot FILE]
+    python -m benchmarks [--quick] [--only core,...,scale,tune] [--markdown FILE] [--plot FILE]
     rayssd bench ...
 
 Runs each `benchmarks.bench_*` in turn as a child process (so each starts and stops its
@@ -10,7 +10,8 @@ rayssd's figure, its baseline measured in the same run, the ratio, the goal and 
 it is met. --markdown writes the same as a Markdown file; --plot draws rayssd/baseline
 ratios against their goals as a PNG. --quick passes --quick to every suite (smoke figures
 in a few minutes, not for comparison). The scale suite (`benchmarks.bench_scale`, COCO-sized
-sets up to 118k images, ~40 min) runs only when --only names it.
+sets up to 118k images, ~40 min) and the tune suite (`benchmarks.bench_tune`, a search
+against hand-picked settings in one budget, ~15 min) run only when --only names them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SUITES = {  # name: (module, extra arguments); in the order they run
     "label": ("benchmarks.bench_label", []),
     "serve": ("benchmarks.bench_serve", []),
     "scale": ("benchmarks.bench_scale", []),  # ~40 min at 118k images: only with --only
+    "tune": ("benchmarks.bench_tune", []),  # three training runs of minutes each: only with --only
 }
 DEFAULT_SUITES = ("core", "pipeline", "train", "label", "serve")
 PROJECT = Path(__file__).resolve().parents[1]
@@ -160,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         help=f"comma-separated suites of {', '.join(SUITES)} (default: {', '.join(DEFAULT_SUITES)}; "
-        "scale, COCO-sized sets up to 118k images, takes ~40 min and runs only when named)",
+        "scale, COCO-sized sets up to 118k images, ~40 min, and tune, ~15 min, run only when named)",
     )
     parser.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
     parser.add_argument("--plot", metavar="FILE", help="also draw the ratios against their goals (PNG)")

@@ -332,6 +332,7 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
         tracking=Tracking(tracker.uri, o.experiment, tracker.run_id) if tracker.enabled else None,
         stop_after_epochs=o.stop_after_epochs,
         param_digests=o.param_digests,
+        report_placement_group=o.report_to_tune,
     )
     resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if p.gpus_per_worker else {})}
     callbacks = []

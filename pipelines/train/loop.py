@@ -39,6 +39,7 @@ from ssd.step import TrainStep
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_STEPS = 5
+PLACEMENT_GROUP_KEY = "placement_group"  # in rank 0's reports when `report_placement_group`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,9 @@ class LoopSettings:
     tracking: Tracking | None = None
     stop_after_epochs: int | None = None  # end this session early; the run stays resumable
     param_digests: bool = False  # post a digest of the parameters per epoch (tests of DDP sync)
+    # rank 0's reports name the workers' placement group (PLACEMENT_GROUP_KEY): a Tune trial's
+    # run is stopped by killing it, and `rayssd tune` frees the group it leaves behind
+    report_placement_group: bool = False
 
 
 @dataclasses.dataclass
@@ -268,6 +272,7 @@ def _evaluate_epoch(w: _Worker, shard: Any, epoch: int, metrics: dict[str, float
 def _report(w: _Worker, metrics: dict[str, float], epoch: int) -> None:
     """One report per epoch on every rank (a barrier); rank 0 attaches the checkpoint."""
     import ray.train
+    import ray.util
 
     if w.rank != 0:
         ray.train.report(metrics, checkpoint=None)
@@ -281,10 +286,15 @@ def _report(w: _Worker, metrics: dict[str, float], epoch: int) -> None:
         optimizer=w.optimizer,
         metrics=metrics,
     )
+    reported = dict(metrics)
+    if w.settings.report_placement_group:
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            reported[PLACEMENT_GROUP_KEY] = group.id.hex()
     with tempfile.TemporaryDirectory(prefix="rayssd-ckpt-") as directory:
         ckpt_io.save(state, directory)
         ray.train.report(
-            metrics,
+            reported,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
             checkpoint_dir_name=f"epoch_{epoch:04d}",
         )

@@ -18,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,16 @@ from typing import Any
 from pipelines.common import JobError
 from ssd import config as C
 
+log = logging.getLogger(__name__)
+
 SEARCH_FILE = "rayssd_tune.json"  # in STORAGE/NAME: the MLflow run, the options, for --resume
 TRIALS_DIR = "trials"  # STORAGE/NAME/trials/<trial run>: each trial's Ray Train run
 METRIC = "map"
+STOPPED_WHY = "early stopping (ASHA or --time-budget-s)"  # tag rayssd.tune_stopped of a stopped trial's run
 DATA_CPUS = 0.25  # per data task or actor of a trial beside others
 TRIAL_DATA_CPUS = 3 * DATA_CPUS  # its training pipeline's two actors and its val pipeline
 TRIAL_DRIVER_CPUS = 0.001  # the Tune trial's own actor waits for its Ray Train run (Tune refuses 0)
+TRIAL_RESTARTS = 1  # Tune restarts a failed trial this often, from its last checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +74,8 @@ def tune(o: TuneOptions) -> dict[str, Any]:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipelines.common import start_ray
+    from pipelines.train.launch import Interrupted
+    from pipelines.train.loop import PLACEMENT_GROUP_KEY
     from pipelines.train.search import build_space
 
     storage = Path(o.storage).expanduser().resolve()
@@ -142,16 +151,47 @@ def tune(o: TuneOptions) -> dict[str, Any]:
                     ),
                     search_alg=BasicVariantGenerator(random_state=o.seed, max_concurrent=concurrent),
                 ),
-                run_config=ray_tune.RunConfig(name="tune", storage_path=str(storage / name), verbose=0),
+                run_config=ray_tune.RunConfig(
+                    name="tune",
+                    storage_path=str(storage / name),
+                    verbose=0,
+                    # a trial whose workers fail is restarted by Tune (resuming its run from
+                    # its last checkpoint), not by Ray Train: see `run_trial`
+                    failure_config=ray_tune.FailureConfig(max_failures=TRIAL_RESTARTS),
+                    callbacks=[free_placement_groups()],
+                ),
             )
+        handler = signal.getsignal(signal.SIGINT)
         results = tuner.fit()
+        interrupted = _interrupted(handler)
     except KeyboardInterrupt:
         tracker.end("KILLED")
         raise
     except BaseException:
         tracker.end("FAILED")
         raise
+    for result in results:  # trials the time budget stopped were not freed as they ended
+        remove_placement_group((result.metrics or {}).get(PLACEMENT_GROUP_KEY))
+    if interrupted or results.num_terminated + results.num_errors < len(results):
+        tracker.end("KILLED")
+        raise Interrupted(f"search {name} interrupted; continue it with --resume --name {name}")
     return _finish(o, name, storage, cfg, results, tracker, shown)
+
+
+def _interrupted(before: Any) -> bool:
+    """Whether Tune's fit just ended on Ctrl-C (SIGINT).
+
+    Tune catches the first SIGINT itself: it stops the search, saves its state for a restore
+    (the running trials stay resumable) and returns as if done. Its handler puts back the one
+    it found (`before`) when the signal comes and stays in place otherwise, which tells the two
+    apart; the handler from before the search is put back either way."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    tune_catches = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    caught = tune_catches and signal.getsignal(signal.SIGINT) is before
+    if before is not None:
+        signal.signal(signal.SIGINT, before)
+    return caught
 
 
 def run_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
@@ -178,7 +218,9 @@ def run_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
         name=name,
         storage=str(storage),
         resume=resume,
-        max_failures=1,
+        # 0: a stopped trial's workers die with their placement group (`free_placement_groups`),
+        # and Ray Train must not start them again in a new one; Tune restarts failed trials
+        max_failures=0,
         experiment=settings["experiment"],
         register_as="none",
         quiet=True,
@@ -186,6 +228,54 @@ def run_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
         report_to_tune=True,
     )
     launch.run(launch.plan(options))
+
+
+def free_placement_groups() -> Any:
+    """A Tune callback that frees the placement group of each trial's Ray Train workers once
+    the trial has ended.
+
+    Tune stops a trial (ASHA, the time budget, an error) by ending its actor, and with it the
+    Ray Train controller the actor started; the controller's placement group is scoped to the
+    job, so it would keep the workers' CPUs (and GPUs) until the search ends and the next trial
+    would wait for them forever. Ray Train leaves such a group to a detached cleaner that asks
+    the dashboard's state API whether the controller is gone, which on a loaded machine may
+    not answer; here rank 0 names the group in every report (`loop.PLACEMENT_GROUP_KEY`) and
+    the group is removed as the trial ends. A trial that finished removed its own already."""
+    from ray.tune import Callback
+
+    from pipelines.train.loop import PLACEMENT_GROUP_KEY
+
+    class FreePlacementGroups(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._free(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._free(trial)
+
+        @staticmethod
+        def _free(trial: Any) -> None:
+            hex_id = (trial.last_result or {}).get(PLACEMENT_GROUP_KEY)
+            try:
+                remove_placement_group(hex_id)
+            except Exception as exc:  # Tune would count it as the trial's failure
+                log.warning("trial %s: could not free placement group %s: %s", trial, hex_id, exc)
+
+    return FreePlacementGroups()
+
+
+def remove_placement_group(hex_id: str | None) -> bool:
+    """Remove the placement group `hex_id` unless it is gone; True when this removed it."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+    from ray.util.placement_group import remove_placement_group as remove
+
+    if not hex_id:
+        return False
+    group = PlacementGroup(PlacementGroupID.from_hex(hex_id))
+    if placement_group_table(group).get("state", "REMOVED") == "REMOVED":
+        return False
+    remove(group)
+    return True
 
 
 def _absolute(source: str) -> str:
@@ -289,7 +379,7 @@ def _finish(o, name, storage, cfg, results, tracker, shown) -> dict[str, Any]:
             },
             step=0,
         )
-        _close_stopped_trials(tracker)
+        _close_stopped_trials(tracker, name, trials)
     best = next((t for t in trials if t["checkpoint"] and not math.isnan(t["final_map"])), None)
     if best is not None:
         out["best"] = best
@@ -385,14 +475,17 @@ def map_figure(results: Any) -> Any:
     return figure
 
 
-def _close_stopped_trials(tracker: Any) -> None:
-    """Trials ASHA stopped were killed mid-run: their child runs end as KILLED, tagged why."""
+def _close_stopped_trials(tracker: Any, name: str, trials: list[dict[str, Any]]) -> None:
+    """Trials the search stopped were killed mid-run: their child runs end as KILLED, tagged
+    why (a stopped run's training may have ended it FAILED as its workers went)."""
+    stopped = {f"{name}-{t['trial']}" for t in trials if t["status"] == "stopped early"}
     client = tracker.client
     run = client.get_run(tracker.run_id)
     children = client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{tracker.run_id}'"
     )
     for child in children:
-        if child.info.status == "RUNNING":
-            client.set_tag(child.info.run_id, "rayssd.tune_stopped", "early stopping (ASHA)")
+        was_stopped = child.info.run_name in stopped and child.info.status in ("RUNNING", "FAILED")
+        if was_stopped or child.info.status == "RUNNING":
+            client.set_tag(child.info.run_id, "rayssd.tune_stopped", STOPPED_WHY)
             client.set_terminated(child.info.run_id, "KILLED")
