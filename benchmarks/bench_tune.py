@@ -109,7 +109,9 @@ def run(p: dict[str, int]) -> tuple[list[Run], list[str], float]:
         epochs = p["epochs"]
         runs, notes = [], []
 
-        hand = [*QUICKSTART_SETTINGS, f"train.epochs={epochs}", f"train.eval_every={epochs}"]
+        schedule = {"train.epochs": epochs, "train.eval_every": epochs}
+        hand = [s for s in QUICKSTART_SETTINGS if s.split("=")[0] not in schedule]
+        hand += [f"{k}={v}" for k, v in schedule.items()]
         stdout, budget = _cli(
             ["train", *common, "--name", "hand", "--workers", str(WORKERS), "--quiet", *_sets(hand)],
             tmp,
