@@ -18,6 +18,7 @@ from jobs.options import add_config_arguments, config_from_args, run_job
 from pipelines.train.launch import RUN_FILE, Interrupted, Plan, TrainOptions, TrainRunError
 from pipelines.train.launch import plan as plan_training
 from pipelines.train.launch import run as run_training
+from pipelines.train.sanity import FIT_GOAL, SANITY_IMAGES, SANITY_STEPS, fit_lines, sanity_lines
 
 __all__ = ["RUN_FILE", "Interrupted", "TrainRunError", "add_arguments", "main", "options", "plan", "run"]
 
@@ -110,6 +111,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--param-digests", action="store_true", help=argparse.SUPPRESS
     )
     parser.add_argument(
+        "--download-weights",
+        action="store_true",
+        help="let model.backbone_weights=imagenet download torchvision's ImageNet file into the torch "
+        "cache when it is not there (default: never download; the run stops, saying where to put it)",
+    )
+    parser.add_argument(
+        "--sanity",
+        type=int,
+        nargs="?",
+        const=SANITY_IMAGES,
+        metavar="N",
+        help=f"sanity check instead of a run: fit the first N (default {SANITY_IMAGES}) training images, "
+        f"unaugmented, for {SANITY_STEPS} steps, score the model on them and pass at mAP@0.5 >= {FIT_GOAL} "
+        "(exit 1 otherwise, saying what it found); nothing is registered",
+    )
+    parser.add_argument(
         "--summary-json",
         metavar="FILE",
         help="also write the outcome (metrics, epochs, workers, model) as JSON",
@@ -139,6 +156,8 @@ def options(args: argparse.Namespace) -> TrainOptions:
         address=args.address,
         quiet=args.quiet,
         param_digests=args.param_digests,
+        sanity=args.sanity,
+        download_weights=args.download_weights,
     )
 
 
@@ -147,11 +166,17 @@ def plan(args: argparse.Namespace) -> Plan:
     return plan_training(options(args))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any] | int:
+    """Train (or run the sanity check) as asked; the outcome, or 1 for a failed sanity check."""
     out = run_training(plan(args))
     _print_summary(out)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(out, indent=2, default=_jsonable))
+    if out.get("sanity") is not None and out.get("coverage") is not None:
+        passed, lines = sanity_lines(out["metrics"], out["num_fit"], out["coverage"])
+        print("\n".join(lines), flush=True)
+        if not passed:
+            return 1  # the exit status: the check failed
     return out
 
 
@@ -168,6 +193,9 @@ def _print_summary(out: dict[str, Any]) -> None:
         print(
             f"  val mAP {m['map']:.3f}  mAP@0.5 {m['map50']:.3f}  mAP@0.75 {m.get('map75', float('nan')):.3f}"
         )
+    if out.get("sanity") is None:
+        for line in fit_lines(m, out.get("num_fit", 0), out.get("coverage")):
+            print("  " + line)
     if out.get("checkpoint"):
         print(f"  model checkpoint: {out['checkpoint']}")
     if out.get("mlflow_run_id"):

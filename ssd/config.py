@@ -37,7 +37,9 @@ class ModelConfig:
     num_classes: int = 21  # object classes + 1; class 0 is background
     image_size: int = 300  # square network input, pixels
     width: int = 32  # base channel count (tiny backbone only)
-    backbone_weights: str | None = None  # local state-dict file of the backbone; never downloaded
+    # the backbone's starting weights: a local torchvision state-dict file, or "imagenet" for
+    # torchvision's ImageNet weights of this backbone (`ssd.pretrained`; downloaded only if allowed)
+    backbone_weights: str | None = None
     image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # RGB, [0, 1] units
     image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
@@ -98,6 +100,10 @@ class DataConfig:
     class_names: tuple[str, ...] = ()  # object classes in label order 1..K
     val_fraction: float = 0.1  # seeded split when the source has none
     augment: bool = True  # SSD photometric + geometric augmentation while training
+    # The zoom-out (SSD's "expand") shrinks no object below this fraction of the smallest
+    # default box's size (`ssd.transforms.zoom_out_limit`): objects the detector has no box
+    # for only teach it noise. 0 = the paper's unbounded zoom-out, up to 4x.
+    zoom_out_floor: float = 1.0
     seed: int = 0
     # Without augmentation every epoch sees the same samples: prepare them once, keep them in
     # Ray's object store and read them back each epoch (skipped when they would not fit).
@@ -439,6 +445,7 @@ def validate(cfg: Config) -> Config:
         (i.topk_candidates >= 1, "inference.topk_candidates", "must be >= 1"),
         (i.max_detections >= 1, "inference.max_detections", "must be >= 1"),
         (0 <= d.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
+        (d.zoom_out_floor >= 0, "data.zoom_out_floor", "must be >= 0 (0: the paper's zoom-out)"),
         (
             not d.class_names or len(d.class_names) == m.num_classes - 1,
             "data.class_names",

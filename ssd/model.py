@@ -169,9 +169,12 @@ def build_ssd(cfg: Config) -> SSD:
             f"model.image_size={m.image_size} produces feature maps of {sizes}"
         )
     if m.backbone_weights is not None:
+        from ssd.pretrained import resolve
+
+        path = resolve(m.backbone, m.backbone_weights)  # a file, or `imagenet` by name
         if not hasattr(backbone, "features"):
             raise ValueError(f"model.backbone_weights: the {m.backbone} backbone has no weights file format")
-        backbones.load_torchvision_features(backbone.features, m.backbone_weights)
+        backbones.load_torchvision_features(backbone.features, path)
 
     in_channels = [*backbone.out_channels, *extra_channels]
     boxes = a.boxes_per_location()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from ssd.config import Config
+
 # SSD §2.2 cites Howard (2013) for its photometric distortions; these magnitudes are the
 # ones of the Caffe SSD release (and ssd.pytorch's PhotometricDistort).
 BRIGHTNESS_DELTA = 32.0  # added to every channel, uint8 units
@@ -362,6 +364,35 @@ def _to_unit(boxes: np.ndarray, size: int) -> np.ndarray:
     return np.clip(boxes / np.float32(size), 0.0, 1.0).astype(np.float32)
 
 
+def smallest_object(cfg: Config) -> float:
+    """The `min_object` (output pixels) of `cfg`'s training: ``data.zoom_out_floor`` times the
+    size of its smallest default box (the first scale of the paper's rule or list)."""
+    return cfg.data.zoom_out_floor * cfg.anchors.resolved_scales()[0] * cfg.model.image_size
+
+
+def zoom_out_limit(
+    shape: tuple[int, int],
+    boxes: np.ndarray,
+    size: int,
+    min_object: float,
+    *,
+    max_ratio: float = EXPAND_MAX_RATIO,
+) -> float:
+    """The largest expand ratio (at most `max_ratio`) that leaves every box's scale (the
+    square root of its area), once the image is resized to `size`, at least `min_object`
+    pixels; `max_ratio` when
+    `min_object` is 0 or there are no boxes. A box already below it allows no zoom-out (1.0).
+
+    shape: (height, width) of the image; boxes: float32 [N, 4] xyxy pixels of it.
+    """
+    if min_object <= 0 or len(boxes) == 0:
+        return max_ratio
+    height, width = shape
+    # after expand by r and resize, a side of w px in a W px image is w * size / (r * W) px
+    scales = np.sqrt((boxes[:, 2] - boxes[:, 0]) / width * (boxes[:, 3] - boxes[:, 1]) / height)
+    return float(np.clip(scales.min() * size / min_object, 1.0, max_ratio))
+
+
 def train_transform(
     image: np.ndarray,
     boxes: np.ndarray,
@@ -370,12 +401,18 @@ def train_transform(
     rng: np.random.Generator,
     *,
     augment: bool = True,
+    min_object: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The SSD training pipeline for one image.
 
     augment=True: photometric distortion -> expand (p = 1/2) -> random IoU crop ->
     horizontal flip (p = 1/2) -> resize -> drop boxes under 1 output pixel wide or tall.
     augment=False: resize only. Either way boxes end normalised by `size`.
+
+    `min_object` (output pixels, 0 = the paper's unbounded zoom-out) caps the expand ratio
+    so that no object's scale (square root of its area) is shrunk below it (`zoom_out_limit`): on data whose
+    objects are already small, a 4x zoom-out turns them into a few pixels no default box
+    can match, and their localisation targets then dominate the loss.
 
     image: uint8 [H, W, 3]; boxes: float32 [N, 4] xyxy pixels; labels: int64 [N].
     Returns (uint8 [size, size, 3], float32 [M, 4] xyxy in [0, 1], int64 [M]), M <= N.
@@ -386,7 +423,9 @@ def train_transform(
     # Colour first, on the smallest image (before the canvas can grow up to 16x).
     image = photometric_distort(image, rng)
     if rng.random() < EXPAND_P:
-        image, boxes = expand(image, boxes, rng)
+        limit = zoom_out_limit(image.shape[:2], boxes, size, min_object)
+        if limit > 1.0:
+            image, boxes = expand(image, boxes, rng, max_ratio=limit)
     image, boxes, labels = random_iou_crop(image, boxes, labels, rng)
     image, boxes = random_horizontal_flip(image, boxes, rng)
     image, boxes = resize(image, boxes, size)

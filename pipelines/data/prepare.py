@@ -322,24 +322,36 @@ class PreparedSamples:
         ds = ray.data.read_parquet(str(self.root / split), override_num_blocks=files)
         return ds.select_columns(columns)
 
-    def dataset(self, split: str, *, targets: bool = True, workers: int = 1, num_cpus: float = 1.0) -> Any:
+    def dataset(
+        self,
+        split: str,
+        *,
+        targets: bool = True,
+        workers: int = 1,
+        num_cpus: float = 1.0,
+        limit: int | None = None,
+    ) -> Any:
         """The split's samples as a lazy `ray.data.Dataset` with the columns `preprocess`
         gives (`pipelines.data.samples.expand`); `targets=False` reads and gives the network
-        inputs only (evaluation: no matches are read)."""
+        inputs only (evaluation: no matches are read); `limit`: only the first rows read."""
         from pipelines.data.samples import expand
 
         rows = self.read(split, targets=targets)
+        if limit is not None:
+            rows = rows.limit(limit)
         return expand(rows, self.cfg, targets=targets, workers=workers, num_cpus=num_cpus)
 
-    def ground_truth(self, split: str) -> dict:
+    def ground_truth(self, split: str, image_ids: set[int] | None = None) -> dict:
         """The split's COCO-format ground truth (`coco_ground_truth`), from the samples' own
-        boxes: no annotation file is read."""
+        boxes: no annotation file is read. `image_ids`: only those images'."""
         import ray
 
         from pipelines.data.datasets import coco_ground_truth
 
         columns = ["image_id", "width", "height", "boxes", "labels", "ignore"]
         rows = ray.data.read_parquet(str(self.root / split)).select_columns(columns).iter_rows()
+        if image_ids is not None:
+            rows = (row for row in rows if int(row["image_id"]) in image_ids)
         named = ({**row, "path": f"{self.root / split}#{row['image_id']}"} for row in rows)
         return coco_ground_truth(named, self.info(split))
 

@@ -37,7 +37,7 @@ from ssd.anchors import default_boxes
 from ssd.grid_matching import GridMatcher
 from ssd.image import decode_image
 from ssd.matching import match_ground_truth, pad_ground_truth, targets_from_matches
-from ssd.transforms import eval_transform, rng_for, train_transform
+from ssd.transforms import eval_transform, rng_for, smallest_object, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class SamplePreprocessor:
         else:
             self.epoch = epoch
         self.size = self.cfg.model.image_size
+        self.min_object = smallest_object(self.cfg)
         self.default_boxes = default_boxes(self.cfg)
         self.matcher = GridMatcher.from_config(self.cfg, self.default_boxes) if targets else None
         self.cls_dtype = class_target_dtype(self.cfg.model.num_classes)
@@ -113,7 +114,7 @@ class SamplePreprocessor:
         if self.train:  # crops zoom in: the full decode
             image = read_image(str(row["path"]))
             rng = rng_for(self.cfg.data.seed, self.epoch, int(row["image_id"]))
-            return train_transform(image, boxes, labels, self.size, rng)
+            return train_transform(image, boxes, labels, self.size, rng, min_object=self.min_object)
         # Resized to the input next: a JPEG may decode at a reduced scale, boxes follow it.
         image = read_image(str(row["path"]), reduce_to=self.size)
         height, width = image.shape[:2]

@@ -39,6 +39,7 @@ from ssd.config import with_classes
 
 log = logging.getLogger(__name__)
 
+FIT_IMAGES = 128  # training images the final model is also scored on: does it fit its data?
 EXPAND_ONCE_SHARE = 0.5  # expanded training samples kept in the object store up to this share of it
 CACHE_FOLDER = "samples"  # STORAGE/samples/<source>-<digest>: the prepared samples of a source
 
@@ -82,11 +83,24 @@ class TrainData:
     num_train: int
     num_val: int
     prepared: bool  # training reads prepared samples (given, or prepared by this run)
+    # network inputs of the first training images (up to FIT_IMAGES, as evaluated: no
+    # augmentation) and their ground truth: the final model is scored on them too
+    fit: Any = None
+    fit_ground_truth: dict | None = None
+    num_fit: int = 0
 
     def val_parts(self, workers: int) -> list[Any]:
         """The val inputs cut into one contiguous part per rank (rank r evaluates part r)."""
-        cuts = [self.num_val * r // workers for r in range(1, workers)]
-        return self.val.split_at_indices(cuts) if cuts else [self.val]
+        return _parts(self.val, self.num_val, workers)
+
+    def fit_parts(self, workers: int) -> list[Any]:
+        """The fit inputs cut like `val_parts`."""
+        return _parts(self.fit, self.num_fit, workers)
+
+
+def _parts(dataset: Any, rows: int, workers: int) -> list[Any]:
+    cuts = [rows * r // workers for r in range(1, workers)]
+    return dataset.split_at_indices(cuts) if cuts else [dataset]
 
 
 def training_data(
@@ -115,10 +129,16 @@ def training_data(
         split = prepared.split_for("train")
         info = prepared.info(split)
         samples = _expanded(prepared, split, cfg, data_cpus)
+        fit = prepared.dataset(split, targets=False, num_cpus=data_cpus, limit=FIT_IMAGES).materialize()
+        fit_ids = {int(i) for i in fit.unique("image_id")}
+        fit_ground_truth = prepared.ground_truth(split, image_ids=fit_ids)
     else:
         rows, info, _ = read_dataset(data.probe, split=whole if val_data else "train", **_split_args(cfg))
         cfg = with_classes(cfg, info.class_names)
         samples = preprocess(rows, cfg, train=True, epoch=epoch_clock, workers=2, num_cpus=data_cpus)
+        fit_rows = rows.limit(FIT_IMAGES).materialize()
+        fit = preprocess(fit_rows, cfg, train=False, targets=False, workers=1, num_cpus=data_cpus)
+        fit, fit_ground_truth = fit.materialize(), coco_ground_truth(fit_rows, info)
 
     if val_data is None and prepared is not None:
         val = prepared
@@ -158,6 +178,43 @@ def training_data(
         num_train=info.num_images,
         num_val=val_info.num_images,
         prepared=prepared is not None,
+        fit=fit,
+        fit_ground_truth=fit_ground_truth,
+        num_fit=len(fit_ground_truth["images"]),
+    )
+
+
+def sanity_data(data: Source, cfg: C.Config, *, images: int, repeats: int, data_cpus: float) -> TrainData:
+    """`rayssd train --sanity`: the first `images` training images of `data`, unaugmented,
+    trained on `repeats` times per epoch and evaluated as the val split (and the fit set):
+    can the preset fit them at all? (`pipelines.train.sanity`)"""
+    if data.prepared is not None:
+        raise ValueError(
+            f"--sanity trains on a source's own images (COCO, YOLO or VOC); {data.given} holds prepared "
+            "samples: give the source they were prepared from"
+        )
+    cfg = C.override(cfg, ["data.augment=false"])
+    rows, info, _ = read_dataset(data.probe, split="train", **_split_args(cfg))
+    cfg = with_classes(cfg, info.class_names)
+    rows = rows.limit(images).materialize()
+    count = rows.count()
+    samples = preprocess(rows, cfg, train=True, epoch=0, workers=1, num_cpus=data_cpus).materialize()
+    if repeats > 1:
+        samples = samples.union(*[samples] * (repeats - 1)).materialize()
+    inputs = preprocess(rows, cfg, train=False, targets=False, workers=1, num_cpus=data_cpus).materialize()
+    ground_truth = coco_ground_truth(rows, info)
+    return TrainData(
+        cfg=cfg,
+        info=info,
+        train=samples,
+        val=inputs,
+        ground_truth=ground_truth,
+        num_train=count * repeats,
+        num_val=count,
+        prepared=False,
+        fit=inputs,
+        fit_ground_truth=ground_truth,
+        num_fit=count,
     )
 
 

@@ -61,6 +61,10 @@ class TrainOptions:
     parent_run_id: str | None = None
     report_to_tune: bool = False
     data_cpus: float | None = None  # CPUs per data task or actor; None: decided from the cluster
+    # `rayssd train --sanity N`: fit the first N training images, unaugmented, and say whether
+    # the model can (`pipelines.train.sanity`); nothing is registered
+    sanity: int | None = None
+    download_weights: bool = False  # model.backbone_weights=imagenet may be downloaded (`ssd.pretrained`)
 
 
 @dataclasses.dataclass
@@ -97,6 +101,8 @@ def plan(o: TrainOptions) -> Plan:
         )
     storage = Path(o.storage).expanduser().resolve()
     resume = bool(o.resume)
+    if o.sanity is not None and (resume or o.sanity < 1):
+        raise ValueError("--sanity N needs N >= 1 images and a new run (not --resume)")
     if resume and not o.name:
         raise ValueError("--resume needs --name: the run to continue")
     name = o.name or None
@@ -127,12 +133,17 @@ def plan(o: TrainOptions) -> Plan:
         cfg = o.cfg
         if o.workers is not None:
             cfg = C.override(cfg, [f"train.num_workers={o.workers}"])
+        if o.sanity is not None:
+            from pipelines.train.sanity import sanity_config
+
+            cfg = sanity_config(cfg)
         if name and run_file is not None and run_file.exists():
             raise ValueError(
                 f"run {name!r} already exists in {storage}; pass --resume to continue it "
                 "or choose another --name"
             )
-        name = name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"{cfg.name}-sanity" if o.sanity is not None else cfg.name
+        name = name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     workers = cfg.train.num_workers
     if o.gpus_per_worker < 0 or (o.cpus_per_worker is not None and o.cpus_per_worker <= 0):
         raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
@@ -140,6 +151,11 @@ def plan(o: TrainOptions) -> Plan:
         raise ValueError("--stop-after-epochs must be >= 1")
     if not o.address:
         _check_local_resources(workers, o.gpus_per_worker, o.cpus_per_worker)
+    if cfg.model.backbone_weights is not None:
+        from ssd.pretrained import resolve
+
+        # here, before Ray starts: a missing file is one line now, and a download happens once
+        resolve(cfg.model.backbone, cfg.model.backbone_weights, download=o.download_weights or None)
     data = open_training_source(o.data)
     val_data = open_training_source(o.val_data) if o.val_data else None
     for source in (data, val_data):
@@ -197,9 +213,21 @@ def run(p: Plan) -> dict[str, Any]:
     _kill_named(clock_name, board_name)  # left by an earlier, interrupted session
     clock = start_epoch_clock(clock_name)  # keep the handle: Ray collects unreferenced actors
     try:
-        data = training_data(
-            p.data, p.val_data, p.cfg, storage=p.storage, epoch_clock=clock_name, data_cpus=data_cpus
-        )
+        if o.sanity is not None:
+            from pipelines.train.datasets import sanity_data
+            from pipelines.train.sanity import repeats
+
+            times = repeats(o.sanity, p.workers, p.cfg.train.batch_size)
+            data = sanity_data(p.data, p.cfg, images=o.sanity, repeats=times, data_cpus=data_cpus)
+            print(
+                f"sanity check: {data.num_fit} training images, unaugmented, repeated {times}x per epoch "
+                f"for {p.cfg.train.epochs} epochs, scored on themselves",
+                flush=True,
+            )
+        else:
+            data = training_data(
+                p.data, p.val_data, p.cfg, storage=p.storage, epoch_clock=clock_name, data_cpus=data_cpus
+            )
         if p.resume and data.cfg != p.cfg:
             raise ValueError("the data's classes differ from those the run was started with")
         cfg = data.cfg
@@ -209,6 +237,8 @@ def run(p: Plan) -> dict[str, Any]:
         raise
     run_id = tracker.run_id if tracker.enabled else p.run_id
     _write_run_file(p, cfg, run_id, o.val_data)
+    if o.sanity is None and not p.resume:
+        _warn_from_scratch(cfg, data.num_train)
     try:
         result, board_state = _fit(o, p, data, tracker, clock, cpus, threads)
     except KeyboardInterrupt:
@@ -218,6 +248,11 @@ def run(p: Plan) -> dict[str, Any]:
         tracker.end("FAILED")
         raise
     out = _finish(o, p, cfg, result, tracker)
+    if data.num_fit:
+        from pipelines.train.sanity import anchor_coverage
+
+        out["num_fit"], out["coverage"] = data.num_fit, anchor_coverage(data.fit_ground_truth, cfg)
+    out["sanity"] = o.sanity
     if out.get("epochs_done", 0) >= cfg.train.epochs:
         _write_run_file(p, cfg, run_id, o.val_data, finished=True)
     out["history"] = board_state["epochs"]  # what rank 0 reported, in order (this session)
@@ -227,6 +262,26 @@ def run(p: Plan) -> dict[str, Any]:
         str(e): {str(r): d for r, d in v.items()} for e, v in board_state["digests"].items()
     }
     return out
+
+
+SCRATCH_IMAGES = 3000  # fewer training images than this learn far more from a pretrained backbone
+
+
+def _warn_from_scratch(cfg: C.Config, images: int) -> None:
+    """Say what to do instead of training from scratch on a small dataset."""
+    if cfg.model.backbone_weights is not None or images >= SCRATCH_IMAGES:
+        return
+    if cfg.model.backbone == "tiny":
+        advice = (
+            "tiny has no pretrained backbone: try --preset ssdlite320 --set model.backbone_weights=imagenet"
+        )
+    else:
+        advice = "start from ImageNet features: --set model.backbone_weights=imagenet"
+    print(
+        f"warning: training {cfg.name} from scratch on {images} images; detectors trained on fewer than "
+        f"a few thousand images learn far more from a pretrained backbone ({advice})",
+        flush=True,
+    )
 
 
 def _cpu_split(p: Plan, resources: dict[str, float]) -> tuple[float, float, int]:
@@ -258,7 +313,7 @@ def _start_tracking(o: TrainOptions, p: Plan, cfg: C.Config, data):
     from pipelines.track.tracker import Tracker, tracking_uri
 
     tags = {
-        "rayssd.job": "tune-trial" if o.parent_run_id else "train",
+        "rayssd.job": "tune-trial" if o.parent_run_id else ("sanity" if o.sanity is not None else "train"),
         "rayssd.preset": cfg.name,
         "rayssd.data": str(o.data),
         "rayssd.storage": str(p.storage),
@@ -279,6 +334,12 @@ def _start_tracking(o: TrainOptions, p: Plan, cfg: C.Config, data):
             "data.val_images": data.num_val,
             "data.prepared_samples": data.prepared,
         }
+        if cfg.model.backbone_weights is not None:
+            from ssd.pretrained import resolve
+
+            params["model.backbone_weights_file"] = Path(
+                resolve(cfg.model.backbone, cfg.model.backbone_weights, download=False)
+            ).name
         tracker.log_params(params)
         tracker.log_text(C.to_yaml(cfg), "config.yaml")
         tracker.log_text(json.dumps(info.to_dict(), indent=2), "dataset.json")
@@ -321,6 +382,9 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
     datasets = {"train": data.train}
     for rank, part in enumerate(data.val_parts(p.workers)):
         datasets[f"val_{rank}"] = part
+    if data.num_fit:
+        for rank, part in enumerate(data.fit_parts(p.workers)):
+            datasets[f"fit_{rank}"] = part
     settings = LoopSettings(
         cfg=cfg,
         dataset={**data.info.to_dict(), "num_train": data.num_train},
@@ -333,6 +397,8 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
         stop_after_epochs=o.stop_after_epochs,
         param_digests=o.param_digests,
         report_placement_group=o.report_to_tune,
+        download_weights=o.download_weights,
+        fit_ground_truth=ray.put(data.fit_ground_truth) if data.num_fit else None,
     )
     resources = {"CPU": cpus, **({"GPU": p.gpus_per_worker} if p.gpus_per_worker else {})}
     callbacks = []
@@ -415,7 +481,9 @@ def _finish(o: TrainOptions, p: Plan, cfg: C.Config, result, tracker) -> dict[st
         out["epochs_done"] = state["epoch"]
         finished = state["epoch"] >= cfg.train.epochs
         register_as = (
-            None if (o.register_as or "").lower() == "none" else (o.register_as or f"rayssd-{cfg.name}")
+            None
+            if (o.register_as or "").lower() == "none" or o.sanity is not None
+            else (o.register_as or f"rayssd-{cfg.name}")
         )
         if finished and tracker.enabled:
             tracker.log_artifact(str(model_file), "checkpoints/final")

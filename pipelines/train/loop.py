@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 import time
 from typing import Any
@@ -68,6 +69,10 @@ class LoopSettings:
     # rank 0's reports name the workers' placement group (PLACEMENT_GROUP_KEY): a Tune trial's
     # run is stopped by killing it, and `rayssd tune` frees the group it leaves behind
     report_placement_group: bool = False
+    # ground truth of the fit set (the first training images, ``fit_<rank>`` shards): after
+    # the last epoch the model is scored on them too (``fit_map``, ``fit_map50``)
+    fit_ground_truth: Any = None
+    download_weights: bool = False  # a worker may download model.backbone_weights=imagenet
 
 
 @dataclasses.dataclass
@@ -98,6 +103,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t = s.cfg.train
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(f"val_{w.rank}")
+    fit_shard = ray.train.get_dataset_shard(f"fit_{w.rank}") if s.fit_ground_truth is not None else None
     for epoch in range(w.start_epoch, t.epochs):
         _set_clock(s.clock, epoch)
         metrics = _epoch_metrics(_train_epoch(w, train_shard, epoch), epoch, w.optimizer)
@@ -105,6 +111,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         evaluated, pictures = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs, None
         if evaluated:
             pictures = _evaluate_epoch(w, val_shard, epoch, metrics)
+        if fit_shard is not None and epoch + 1 == t.epochs:
+            _evaluate_fit(w, fit_shard, metrics)
         if w.best_map > float("-inf"):
             metrics["best_map"] = w.best_map
         if s.param_digests:
@@ -130,6 +138,10 @@ def _start(s: LoopSettings) -> _Worker:
     t = s.cfg.train
     torch.manual_seed(t.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     device = ray.train.torch.get_device()
+    if s.download_weights:  # on a node whose torch cache lacks model.backbone_weights=imagenet
+        from ssd.pretrained import DOWNLOAD_ENV
+
+        os.environ[DOWNLOAD_ENV] = "1"
     model = build_ssd(s.cfg)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -267,6 +279,16 @@ def _evaluate_epoch(w: _Worker, shard: Any, epoch: int, metrics: dict[str, float
         metrics.update(class_metrics(coco.get("per_class", {})))  # ap.<class>, for the champion gate
         w.best_map = max(w.best_map, metrics["map"])
     return pictures
+
+
+def _evaluate_fit(w: _Worker, shard: Any, metrics: dict[str, float]) -> None:
+    """COCO mAP of the fit set (training images, unaugmented) into `metrics` (rank 0):
+    ``fit_map`` and ``fit_map50``, whether the model fits the data it trained on."""
+    s = w.settings
+    label_to_cat = {i + 1: int(c) for i, c in enumerate(s.dataset["category_ids"])}
+    coco, _ = evaluate(w.bare, s.cfg, shard, w.device, s.fit_ground_truth, label_to_cat, w.rank, w.world)
+    if w.rank == 0:
+        metrics["fit_map"], metrics["fit_map50"] = float(coco["map"]), float(coco["map50"])
 
 
 def _report(w: _Worker, metrics: dict[str, float], epoch: int) -> None:

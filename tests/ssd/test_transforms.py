@@ -26,7 +26,9 @@ from ssd.transforms import (
     resize,
     rng_for,
     sample_iou_crop,
+    smallest_object,
     train_transform,
+    zoom_out_limit,
 )
 
 FUZZ_SEEDS = range(50)
@@ -383,3 +385,50 @@ def test_seeded_runs_repeat_exactly_and_different_seeds_differ():
     other = train_transform(image, boxes, labels, 64, rng_for(1, 3, 7))
     assert_same_arrays(first, again)
     assert not np.array_equal(first[0], other[0])
+
+
+# --- the zoom-out floor (data.zoom_out_floor) ------------------------------------------------
+
+
+def test_the_zoom_out_limit_keeps_the_smallest_object_at_the_floor():
+    boxes = np.array([[0, 0, 40, 40], [10, 10, 30, 20]], np.float32)  # scales 40 and sqrt(200) px
+    # the smaller box, sqrt(20 * 10) = 14.1 px of a 200 px image, is 7.07 px at size 100
+    assert zoom_out_limit((200, 200), boxes, 100, 0.0) == 4.0  # 0: the paper's 4x
+    assert zoom_out_limit((200, 200), np.zeros((0, 4), np.float32), 100, 5.0) == 4.0
+    assert zoom_out_limit((200, 200), boxes, 100, 7.07 / 2) == pytest.approx(2.0, rel=1e-3)
+    assert zoom_out_limit((200, 200), boxes, 100, 1.0) == 4.0  # capped at the paper's ratio
+    assert zoom_out_limit((200, 200), boxes, 100, 10.0) == 1.0  # already below: no zoom-out
+    for seed in range(50):  # expanding by up to the limit, then resizing, keeps the floor
+        rng = np.random.default_rng(seed)
+        limit = zoom_out_limit((200, 200), boxes, 100, 3.0)
+        canvas, moved = expand(np.zeros((200, 200, 3), np.uint8), boxes, rng, max_ratio=limit)
+        _, out = resize(canvas, moved, 100)
+        scales = np.sqrt((out[:, 2] - out[:, 0]) * (out[:, 3] - out[:, 1]))
+        assert scales.min() >= 3.0 * 0.97  # canvas sides are whole pixels
+
+
+def test_train_transform_with_a_floor_never_zooms_small_objects_out_further():
+    image = np.full((160, 160, 3), 90, np.uint8)
+    boxes = np.array([[20, 20, 30, 30]], np.float32)  # 10 px of 160: 8 px at 128
+    labels = np.array([1])
+    free, floored = [], []
+    for seed in range(60):
+        for out, min_object in ((free, 0.0), (floored, 12.8)):
+            _, b, _ = train_transform(image, boxes, labels, 128, rng_for(seed, 0, 0), min_object=min_object)
+            if len(b):
+                out.append(float(np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).min() * 128))
+    # unbounded, the zoom-out shrinks the object to a few pixels; with the floor it is never
+    # shrunk (crops only enlarge it, or cut it at their edge)
+    assert min(free) < 4.0
+    assert sum(s < 7.0 for s in floored) <= sum(s < 7.0 for s in free) // 4
+
+
+def test_the_floor_is_a_fraction_of_the_smallest_default_box():
+    from ssd import config as C
+
+    tiny = C.preset("tiny")
+    assert smallest_object(tiny) == pytest.approx(0.1 * 128)  # zoom_out_floor 1.0 x s_min x size
+    assert smallest_object(C.override(tiny, ["data.zoom_out_floor=0.5"])) == pytest.approx(6.4)
+    assert smallest_object(C.override(tiny, ["data.zoom_out_floor=0"])) == 0.0  # the paper's
+    with pytest.raises(C.ConfigError, match=r"data\.zoom_out_floor"):
+        C.override(tiny, ["data.zoom_out_floor=-1"])

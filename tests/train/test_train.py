@@ -121,6 +121,9 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_wa
     assert final["step"] == 2 * (128 // 8)  # one worker, both epochs' steps, none repeated or lost
     assert resumed["workers"].keys() == {"0"}
     assert "map" in resumed["metrics"]  # evaluated at the end
+    # and scored on its first training images too: does it fit the data it trained on?
+    assert resumed["num_fit"] == 128 and 0.0 <= resumed["metrics"]["fit_map50"] <= 1.0
+    assert "fit_map50" not in first["metrics"]  # only after the last epoch
     with pytest.raises(ValueError, match="finished all 2 epochs"):
         train_job.plan(_parse(["--resume", *_argv(builtin, tmp_path, "run")[:8]]))
 
