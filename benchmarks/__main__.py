@@ -1,6 +1,6 @@
 """Every benchmark in one run, one table of goals.
 
-    python -m benchmarks [--quick] [--only core,...,scale,tune] [--markdown FILE] [--plot FILE]
+    python -m benchmarks [--quick] [--only core,...,scale,tune,accuracy] [--markdown FILE] [--plot FILE]
     rayssd bench ...
 
 Runs each `benchmarks.bench_*` in turn as a child process (so each starts and stops its
@@ -35,6 +35,7 @@ SUITES = {  # name: (module, extra arguments); in the order they run
     "serve": ("benchmarks.bench_serve", []),
     "scale": ("benchmarks.bench_scale", []),  # ~40 min at 118k images: only with --only
     "tune": ("benchmarks.bench_tune", []),  # three training runs of minutes each: only with --only
+    "accuracy": ("benchmarks.bench_accuracy", []),  # 8 x 15 min of training: only with --only
 }
 DEFAULT_SUITES = ("core", "pipeline", "train", "label", "serve")
 PROJECT = Path(__file__).resolve().parents[1]

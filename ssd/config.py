@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
-
 # SSD §2.2 "Hard negative mining": at most 3 negatives per positive.
 NEG_POS_RATIO = 3.0
 # SSD §2.2 "Matching strategy": default boxes with jaccard overlap above 0.5 are positives.
@@ -132,6 +130,9 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     eval_every: int = 1  # epochs between COCO evaluations on the val split (and always at the end)
+    # > 0: size the run in optimiser steps instead: train.epochs becomes the fewest epochs that
+    # hold this many steps of the data at hand (small datasets get more epochs, large ones fewer)
+    steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -323,10 +324,14 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
 
 
 def to_yaml(cfg: Config) -> str:
+    import yaml  # here, not at import: `ssd` needs only torch to build and run a model
+
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
 def from_yaml(text: str, base: Config | None = None) -> Config:
+    import yaml
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -344,6 +349,8 @@ def load(path: str | Path, base: Config | None = None) -> Config:
 
 def override(cfg: Config, assignments: list[str] | tuple[str, ...]) -> Config:
     """Apply ``key.path=value`` strings; values are YAML scalars or lists (``a=[1, 2]``)."""
+    import yaml
+
     data: dict[str, Any] = {}
     for item in assignments:
         key, sep, raw = item.partition("=")
@@ -423,6 +430,7 @@ def validate(cfg: Config) -> Config:
         (t.lr > 0, "train.lr", f"must be > 0, got {t.lr}"),
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
         (t.eval_every >= 1, "train.eval_every", "must be >= 1 (epochs between evaluations)"),
+        (t.steps >= 0, "train.steps", "must be >= 0 (0: train.epochs sizes the run)"),
         (t.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (
             t.batch_size >= 2 or m.backbone == "vgg16",

@@ -80,14 +80,16 @@ def _download(url: str, target: Path) -> str:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = target.stem.rsplit("-", 1)[-1]  # torchvision's files end in the sha256's first digits
-    partial = target.with_name(target.name + ".partial")
+    # one partial file per process: workers on one node may download at once; each rename is
+    # atomic, and the last one wins with the same bytes
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
         torch.hub.download_url_to_file(url, str(partial), hash_prefix=digest, progress=True)
+        partial.replace(target)
     except Exception as exc:  # URLError, timeouts, a wrong hash: say which file and why
         partial.unlink(missing_ok=True)
         raise ValueError(
             f"model.backbone_weights=imagenet: downloading {url} failed ({exc}); put {target.name} in "
             f"{target.parent} or give a local file"
         ) from exc
-    partial.replace(target)
     return str(target)

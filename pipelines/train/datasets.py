@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +185,13 @@ def training_data(
     )
 
 
-def sanity_data(data: Source, cfg: C.Config, *, images: int, repeats: int, data_cpus: float) -> TrainData:
+def sanity_data(
+    data: Source, cfg: C.Config, *, images: int, repeats: Callable[[int], int], data_cpus: float
+) -> TrainData:
     """`rayssd train --sanity`: the first `images` training images of `data`, unaugmented,
-    trained on `repeats` times per epoch and evaluated as the val split (and the fit set):
-    can the preset fit them at all? (`pipelines.train.sanity`)"""
+    trained on `repeats(count)` times per epoch (count: the images found, at most `images`)
+    and evaluated as the val split (and the fit set): can the preset fit them at all?
+    (`pipelines.train.sanity`)"""
     if data.prepared is not None:
         raise ValueError(
             f"--sanity trains on a source's own images (COCO, YOLO or VOC); {data.given} holds prepared "
@@ -198,9 +202,10 @@ def sanity_data(data: Source, cfg: C.Config, *, images: int, repeats: int, data_
     cfg = with_classes(cfg, info.class_names)
     rows = rows.limit(images).materialize()
     count = rows.count()
+    times = repeats(count)
     samples = preprocess(rows, cfg, train=True, epoch=0, workers=1, num_cpus=data_cpus).materialize()
-    if repeats > 1:
-        samples = samples.union(*[samples] * (repeats - 1)).materialize()
+    if times > 1:
+        samples = samples.union(*[samples] * (times - 1)).materialize()
     inputs = preprocess(rows, cfg, train=False, targets=False, workers=1, num_cpus=data_cpus).materialize()
     ground_truth = coco_ground_truth(rows, info)
     return TrainData(
@@ -209,7 +214,7 @@ def sanity_data(data: Source, cfg: C.Config, *, images: int, repeats: int, data_
         train=samples,
         val=inputs,
         ground_truth=ground_truth,
-        num_train=count * repeats,
+        num_train=count * times,
         num_val=count,
         prepared=False,
         fit=inputs,

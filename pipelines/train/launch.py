@@ -103,6 +103,10 @@ def plan(o: TrainOptions) -> Plan:
     resume = bool(o.resume)
     if o.sanity is not None and (resume or o.sanity < 1):
         raise ValueError("--sanity N needs N >= 1 images and a new run (not --resume)")
+    if o.sanity is not None and o.val_data:
+        raise ValueError("--sanity scores the model on the images it trained on; drop --val-data")
+    if o.sanity is not None and o.cfg.train.steps:
+        raise ValueError("--sanity trains its own 150 steps; drop train.steps")
     if resume and not o.name:
         raise ValueError("--resume needs --name: the run to continue")
     name = o.name or None
@@ -158,6 +162,11 @@ def plan(o: TrainOptions) -> Plan:
         resolve(cfg.model.backbone, cfg.model.backbone_weights, download=o.download_weights or None)
     data = open_training_source(o.data)
     val_data = open_training_source(o.val_data) if o.val_data else None
+    if o.sanity is not None and data.prepared is not None:
+        raise ValueError(
+            f"--sanity trains on a source's own images (COCO, YOLO or VOC); {o.data} holds prepared "
+            "samples: give the source they were prepared from"
+        )
     for source in (data, val_data):
         if source is not None and source.prepared is not None:
             source.prepared.check(cfg, what=f"this run ({source.given})")  # another preset: refused now
@@ -217,17 +226,25 @@ def run(p: Plan) -> dict[str, Any]:
             from pipelines.train.datasets import sanity_data
             from pipelines.train.sanity import repeats
 
-            times = repeats(o.sanity, p.workers, p.cfg.train.batch_size)
-            data = sanity_data(p.data, p.cfg, images=o.sanity, repeats=times, data_cpus=data_cpus)
+            data = sanity_data(
+                p.data,
+                p.cfg,
+                images=o.sanity,
+                repeats=lambda count: repeats(count, p.workers, p.cfg.train.batch_size),
+                data_cpus=data_cpus,
+            )
             print(
-                f"sanity check: {data.num_fit} training images, unaugmented, repeated {times}x per epoch "
-                f"for {p.cfg.train.epochs} epochs, scored on themselves",
+                f"sanity check: {data.num_fit} training images, unaugmented, repeated "
+                f"{data.num_train // max(1, data.num_fit)}x per epoch for {p.cfg.train.epochs} epochs, "
+                "scored on themselves",
                 flush=True,
             )
         else:
             data = training_data(
                 p.data, p.val_data, p.cfg, storage=p.storage, epoch_clock=clock_name, data_cpus=data_cpus
             )
+        if not p.resume and data.cfg.train.steps > 0:
+            data = dataclasses.replace(data, cfg=epochs_for_steps(data.cfg, data.num_train, p.workers))
         if p.resume and data.cfg != p.cfg:
             raise ValueError("the data's classes differ from those the run was started with")
         cfg = data.cfg
@@ -262,6 +279,22 @@ def run(p: Plan) -> dict[str, Any]:
         str(e): {str(r): d for r, d in v.items()} for e, v in board_state["digests"].items()
     }
     return out
+
+
+def epochs_for_steps(cfg: C.Config, images: int, workers: int) -> C.Config:
+    """`cfg` with train.epochs set to the fewest epochs of `images` on `workers` that hold
+    train.steps optimiser steps (said in a line: the run's record keeps the epochs)."""
+    from pipelines.train.loop import steps_per_epoch
+
+    t = cfg.train
+    per_epoch = max(1, steps_per_epoch(images, workers, t.batch_size))
+    epochs = max(1, -(-t.steps // per_epoch))
+    print(
+        f"train.steps={t.steps}: {images} images give {per_epoch} steps an epoch on {workers} "
+        f"worker(s) of batch {t.batch_size}; training {epochs} epochs ({epochs * per_epoch} steps)",
+        flush=True,
+    )
+    return C.override(cfg, [f"train.epochs={epochs}"])
 
 
 SCRATCH_IMAGES = 3000  # fewer training images than this learn far more from a pretrained backbone

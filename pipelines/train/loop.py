@@ -40,6 +40,7 @@ from ssd.step import TrainStep
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_STEPS = 5
+CUDA_PROGRESS_EVERY_STEPS = 50  # a progress line reads the losses back: a host sync on a GPU
 PLACEMENT_GROUP_KEY = "placement_group"  # in rank 0's reports when `report_placement_group`
 
 
@@ -106,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fit_shard = ray.train.get_dataset_shard(f"fit_{w.rank}") if s.fit_ground_truth is not None else None
     for epoch in range(w.start_epoch, t.epochs):
         _set_clock(s.clock, epoch)
-        metrics = _epoch_metrics(_train_epoch(w, train_shard, epoch), epoch, w.optimizer)
+        metrics = _epoch_metrics(_train_epoch(w, train_shard, epoch), epoch, w.optimizer, w.device)
         sync_buffers(w.bare)
         evaluated, pictures = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs, None
         if evaluated:
@@ -192,23 +193,33 @@ def _train_epoch(w: _Worker, shard: Any, epoch: int) -> dict[str, float]:
         pin_memory=cuda,
         prefetch_batches=2,
     )
-    for in_epoch, batch in enumerate(batches, start=1):
-        sums["wait_s"] += time.perf_counter() - waited_from
-        try:
+    # loss, cls, loc (summed per image) and positives stay on the device: reading them back
+    # is a host sync, done only for a progress line (every `every` steps) and at the end
+    on_device = torch.zeros(4, dtype=torch.float64, device=w.device)
+    every = CUDA_PROGRESS_EVERY_STEPS if cuda else PROGRESS_EVERY_STEPS
+    try:
+        for in_epoch, batch in enumerate(batches, start=1):
+            sums["wait_s"] += time.perf_counter() - waited_from
             losses = w.step(batch["image"], batch["cls_targets"], batch["loc_targets"])
-        except FloatingPointError as exc:
-            raise FloatingPointError(f"{exc} (epoch {epoch + 1})") from None
-        n = batch["image"].shape[0]
-        for key in ("loss", "cls", "loc"):
-            sums[key] += float(losses[key]) * n
-        sums["num_pos"] += float(losses["num_pos"])
-        sums["images"] += n
-        sums["steps"] += 1
-        if w.rank == 0 and (in_epoch % PROGRESS_EVERY_STEPS == 0 or in_epoch == 1):
-            w.board.post(_step_snapshot(w, sums, start, epoch, in_epoch))
-        waited_from = time.perf_counter()
+            n = batch["image"].shape[0]
+            parts = [losses["loss"] * n, losses["cls"] * n, losses["loc"] * n, losses["num_pos"]]
+            on_device += torch.stack([part.to(torch.float64) for part in parts])
+            sums["images"] += n
+            sums["steps"] += 1
+            if w.rank == 0 and (in_epoch % every == 0 or in_epoch == 1):
+                w.board.post(_step_snapshot(w, {**sums, **_read(on_device)}, start, epoch, in_epoch))
+            waited_from = time.perf_counter()
+        w.step.check()  # the steps since the last finiteness check
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"{exc} (epoch {epoch + 1})") from None
+    sums.update(_read(on_device))
     sums["seconds"] = time.perf_counter() - start
     return sums
+
+
+def _read(on_device: torch.Tensor) -> dict[str, float]:
+    loss, cls, loc, num_pos = on_device.tolist()  # one host sync
+    return {"loss": loss, "cls": cls, "loc": loc, "num_pos": num_pos}
 
 
 def _step_snapshot(w: _Worker, sums: dict[str, float], start: float, epoch: int, in_epoch: int) -> dict:
@@ -233,11 +244,14 @@ def _step_snapshot(w: _Worker, sums: dict[str, float], start: float, epoch: int,
     }
 
 
-def _epoch_metrics(sums: dict[str, float], epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Averages over every rank: per-image losses, global images/s, positives per image."""
+def _epoch_metrics(
+    sums: dict[str, float], epoch: int, optimizer: torch.optim.Optimizer, device: torch.device
+) -> dict[str, float]:
+    """Averages over every rank: per-image losses, global images/s, positives per image.
+    (On `device`: NCCL all-reduces only CUDA tensors.)"""
     keys = ("loss", "cls", "loc", "num_pos", "images", "steps", "wait_s")
-    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    seconds = torch.tensor([sums["seconds"]], dtype=torch.float64)
+    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    seconds = torch.tensor([sums["seconds"]], dtype=torch.float64, device=device)
     world = 1
     if distributed():
         dist.all_reduce(totals)

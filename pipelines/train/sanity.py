@@ -96,7 +96,10 @@ def coverage_hint(coverage: dict[str, float]) -> str | None:
             "or raise model.image_size"
         )
     else:
-        line += ": add aspect ratios that match the objects (anchors.aspect_ratios)"
+        line += (
+            ": the default boxes' scales and shapes do not follow the objects' (anchors.min_scale, "
+            "anchors.max_scale, anchors.aspect_ratios)"
+        )
     return line
 
 
@@ -105,6 +108,8 @@ def fit_lines(metrics: dict[str, Any], num_fit: int, coverage: dict[str, float] 
     if "fit_map50" not in metrics:
         return []
     fit, val = metrics["fit_map50"], metrics.get("map50")
+    if math.isnan(fit):
+        return [f"its first {num_fit} training images hold no boxes to score it on"]
     lines = []
     if fit >= FIT_GOAL:
         lines.append(f"fits its training data: mAP@0.5 {fit:.3f} on {num_fit} training images (unaugmented)")
@@ -128,6 +133,8 @@ def fit_lines(metrics: dict[str, Any], num_fit: int, coverage: dict[str, float] 
 def sanity_lines(metrics: dict[str, Any], num_fit: int, coverage: dict[str, float]) -> tuple[bool, list[str]]:
     """(passed, what to print) for a finished sanity run."""
     fit = metrics.get("fit_map50", metrics.get("map50", 0.0))
+    if math.isnan(fit):
+        return False, [f"sanity check FAILED: the {num_fit} images it trained on hold no boxes"]
     passed = fit >= FIT_GOAL
     if passed:
         return True, [

@@ -84,6 +84,10 @@ def tune(o: TuneOptions) -> dict[str, Any]:
     cfg = C.override(cfg, ["train.eval_every=1"])  # ASHA compares val mAP at every epoch
     specs = [f"{k}={v}" for k, v in saved["search"].items()] if saved else list(o.search)
     space, shown = build_space(cfg, specs)
+    if cfg.train.steps or any(spec.partition("=")[0].strip() == "train.steps" for spec in specs):
+        raise ValueError(
+            "rayssd tune sizes trials in epochs (ASHA counts them); set train.epochs, not train.steps"
+        )
     if o.trials < 1 or o.grace_epochs < 1 or o.reduction_factor < 2:
         raise ValueError("--trials and --grace-epochs must be >= 1 and --reduction-factor >= 2")
     if o.max_concurrent is not None and o.max_concurrent < 1:

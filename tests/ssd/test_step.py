@@ -83,3 +83,39 @@ def test_clipping_bounds_the_gradient_norm():
         torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
     )
     assert float(norm) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_checked_every_few_steps_a_non_finite_loss_is_caught_at_the_next_check():
+    cfg, model, images, cls_t, loc_t = _setup()
+    nan = torch.full_like(loc_t, float("nan"))
+    step = TrainStep(
+        model, build_optimizer(model, cfg.train), cfg.train, total_steps=10, steps_per_epoch=5, check_every=3
+    )
+    step(images, cls_t, loc_t)
+    step(images, cls_t, nan)  # no host sync, so no raise yet
+    with pytest.raises(FloatingPointError, match=r"non-finite loss between steps 1 and 3"):
+        step(images, cls_t, loc_t)
+
+    cfg, model, images, cls_t, loc_t = _setup()
+    step = TrainStep(
+        model, build_optimizer(model, cfg.train), cfg.train, total_steps=10, steps_per_epoch=5, check_every=3
+    )
+    for _ in range(4):  # checked after step 3; step 4 waits for the next check
+        step(images, cls_t, loc_t)
+    step.check()  # the end of an epoch: steps 4 was finite
+    step(images, cls_t, nan)
+    with pytest.raises(FloatingPointError, match=r"between steps 5 and 5"):
+        step.check()
+
+
+def test_amp_on_the_cpu_runs_in_bfloat16_without_a_scaler_and_near_float32():
+    cfg, model, images, cls_t, loc_t = _setup()
+    twin = copy.deepcopy(model)
+    amp = TrainStep(
+        model, build_optimizer(model, cfg.train), cfg.train, total_steps=10, steps_per_epoch=5, amp=True
+    )
+    full = TrainStep(twin, build_optimizer(twin, cfg.train), cfg.train, total_steps=10, steps_per_epoch=5)
+    assert amp.amp_dtype == torch.bfloat16 and not amp.scaler.is_enabled()
+    low, high = amp(images, cls_t, loc_t), full(images, cls_t, loc_t)
+    assert float(low["loss"]) == pytest.approx(float(high["loss"]), rel=0.05)
+    assert low["loss"].dtype == torch.float32  # the loss itself is float32

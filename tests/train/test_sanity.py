@@ -68,6 +68,21 @@ def test_a_sanity_run_takes_its_steps_and_its_verdicts_say_what_to_do():
     assert fit_lines({"map50": 0.5}, 0, None) == []  # not scored: nothing said
 
 
+def test_a_sanity_check_refuses_what_it_cannot_check_before_ray_starts(tmp_path):
+    annotations = compose(tmp_path / "objects", "objects", count=4, seed=0, split="train")
+    parser = argparse.ArgumentParser()
+    train_job.add_arguments(parser)
+    base = ["--data", str(annotations), "--preset", "tiny", "--sanity", "--storage", str(tmp_path / "runs")]
+    for extra, needle in (
+        (["--val-data", str(annotations)], "drop --val-data"),
+        (["--set", "train.steps=10"], "drop train.steps"),
+        (["--resume", "--name", "x"], "a new run"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            train_job.plan(parser.parse_args(base + extra))
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_tiny_fits_64_real_object_photos_through_rayssd_train_sanity(
     ray_local, tmp_path, monkeypatch, capsys

@@ -97,6 +97,18 @@ def test_cli_refuses_bad_input_in_one_line_before_starting_ray(builtin, tmp_path
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_sized_in_steps_gets_the_epochs_its_data_needs(capsys):
+    from pipelines.train.launch import epochs_for_steps
+
+    cfg = C.override(C.preset("tiny"), ["train.steps=100", "train.batch_size=8"])
+    # 600 images on 2 workers: 300 each, 37 full batches of 8 an epoch; 3 epochs hold 100 steps
+    assert epochs_for_steps(cfg, 600, 2).train.epochs == 3
+    assert "training 3 epochs (111 steps)" in capsys.readouterr().out
+    assert epochs_for_steps(cfg, 120_000, 2).train.epochs == 1  # a large set: one epoch is plenty
+    with pytest.raises(C.ConfigError, match=r"train\.steps"):
+        C.override(cfg, ["train.steps=-1"])
+
+
 # --- one shared local Ray ----------------------------------------------------------------------
 
 

@@ -153,6 +153,7 @@ def test_tune_refuses_a_bad_search_before_ray_starts(tmp_path):
         (["--search", "train.nope=choice(1,2)"], "train.nope"),
         (["--resume"], "--resume needs --name"),
         (["--trials", "0"], "--trials"),
+        (["--set", "train.steps=100"], "set train.epochs"),
     ):
         done = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         errors = [line for line in done.stderr.splitlines() if "error:" in line]
