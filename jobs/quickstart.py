@@ -205,6 +205,7 @@ def quickstart(o: QuickstartOptions) -> dict[str, Any]:
                     storage=str(out / "runs"),
                     name=name,
                     register_as=REGISTERED_NAME,
+                    scratch_warning=False,  # the built-in scenes: tiny learns them from scratch
                 )
             )
         )

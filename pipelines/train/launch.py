@@ -65,6 +65,7 @@ class TrainOptions:
     # the model can (`pipelines.train.sanity`); nothing is registered
     sanity: int | None = None
     download_weights: bool = False  # model.backbone_weights=imagenet may be downloaded (`ssd.pretrained`)
+    scratch_warning: bool = True  # say so when training from scratch on a small dataset
 
 
 @dataclasses.dataclass
@@ -254,7 +255,7 @@ def run(p: Plan) -> dict[str, Any]:
         raise
     run_id = tracker.run_id if tracker.enabled else p.run_id
     _write_run_file(p, cfg, run_id, o.val_data)
-    if o.sanity is None and not p.resume:
+    if o.sanity is None and not p.resume and o.scratch_warning:
         _warn_from_scratch(cfg, data.num_train)
     try:
         result, board_state = _fit(o, p, data, tracker, clock, cpus, threads)
