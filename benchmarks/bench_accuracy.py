@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from benchmarks.realobjects import SETS, compose
-from benchmarks.report import publish
+from benchmarks.report import cpu_isa, cpu_name, publish
 from ssd import config as C
 from ssd.anchors import default_boxes
 from ssd.evaluate import CocoEvaluator
@@ -255,27 +255,6 @@ def format_table(rows: list[dict], budget_s: float) -> str:
     return "\n".join(lines)
 
 
-def _isa() -> str:
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        ).split()
-    except (OSError, StopIteration):
-        return "?"
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return isa + (" + AMX" if "amx_tile" in flags else "")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_accuracy", description=__doc__.split("\n")[0]
@@ -311,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="rayssd-accuracy-") as work:
         rows = run(sets, models, args.budget_s, args.train, args.val, Path(work))
     header = (
-        f"machine: {platform.machine()} {_cpu_name()} ({_isa()}), {os.cpu_count()} CPUs, torch "
+        f"machine: {platform.machine()} {cpu_name()} ({cpu_isa()}), {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, no GPU; {args.train} train / "
         f"{args.val} val images per set, batch {BATCH}, {args.budget_s:.0f} s of training per model and set; "
         f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from benchmarks.report import publish
+from benchmarks.report import cpu_isa, cpu_name, publish
 from jobs.quickstart import SETTINGS as QUICKSTART_SETTINGS
 from jobs.quickstart import WORKERS
 from pipelines.data.builtin import write_builtin
@@ -240,7 +240,8 @@ def main() -> None:
     import torch
 
     header = (
-        f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+        f"machine: {platform.machine()} {cpu_name()} ({cpu_isa()}), {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}; "
         f"preset tiny, built-in data: {p['images']} train / {p['val']} val / {p['test']} held-out "
         f"test images; budget B = {budget:.0f} s (the hand-picked run's wall time, {p['epochs']} "
         f"epochs, {WORKERS} workers); "
@@ -249,16 +250,6 @@ def main() -> None:
     body = format_table(runs) + "\n\n" + "\n".join(f"- {r.name}: {r.note}" for r in runs)
     body += "\n\n" + "\n".join(f"- {n}" for n in notes)
     publish(header, body, args.markdown)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 if __name__ == "__main__":
