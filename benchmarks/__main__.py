@@ -10,8 +10,9 @@ rayssd's figure, its baseline measured in the same run, the ratio, the goal and 
 it is met. --markdown writes the same as a Markdown file; --plot draws rayssd/baseline
 ratios against their goals as a PNG. --quick passes --quick to every suite (smoke figures
 in a few minutes, not for comparison). The scale suite (`benchmarks.bench_scale`, COCO-sized
-sets up to 118k images, ~40 min) and the tune suite (`benchmarks.bench_tune`, a search
-against hand-picked settings in one budget, ~15 min) run only when --only names them.
+sets up to 118k images, ~40 min), the tune suite (`benchmarks.bench_tune`, a search
+against hand-picked settings in one budget, ~15 min) and the accuracy suite
+(`benchmarks.bench_accuracy`, real objects, 2 hours) run only when --only names them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
+
+from benchmarks.report import machine
 
 SUITES = {  # name: (module, extra arguments); in the order they run
     "core": ("benchmarks.bench_core", []),
@@ -174,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         raise ValueError(f"--only {','.join(unknown)}: unknown suite; expected some of {', '.join(SUITES)}")
-    machine = (
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+    machine_line = (
+        f"machine: {machine()}, Python {platform.python_version()}; "
         f"load average {os.getloadavg()[0]:.1f} at the start"
         + ("; --quick (smoke figures)" if args.quick else "")
     )
@@ -187,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
             rows += goals(name, text)
             if status != 0:
                 failed.append(name)
-    report = "\n\n".join([f"# rayssd benchmarks\n\n{machine}", *sections, "## goals\n\n" + goal_table(rows)])
+    report = "\n\n".join(
+        [f"# rayssd benchmarks\n\n{machine_line}", *sections, "## goals\n\n" + goal_table(rows)]
+    )
     print("\n" + report, flush=True)
     if args.markdown:
         Path(args.markdown).write_text(report + "\n")

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import time
 from collections.abc import Callable
 
@@ -29,7 +27,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.ops import box_iou
 
-from benchmarks.report import publish
+from benchmarks.report import machine, publish
 from pipelines.common import keep_freed_memory
 from ssd import config as C
 from ssd.anchors import default_boxes
@@ -164,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     tuned = keep_freed_memory()  # as rayssd's data workers do; both sides run under it
     header = (
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"machine: {machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, malloc tuned: {tuned}"
     )
     table = format_table(run(quick=args.quick))

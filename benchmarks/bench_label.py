@@ -32,7 +32,6 @@ import argparse
 import copy
 import dataclasses
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.report import publish
+from benchmarks.report import machine, publish
 from pipelines.common import start_ray
 from pipelines.data.builtin import write_builtin
 from pipelines.data.datasets import read_dataset
@@ -314,7 +313,7 @@ def main() -> None:
     rows, setup = run(images, args.model)
     load = os.getloadavg()[0]
     header = (
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at the end; "
+        f"machine: {machine()}, load average {load:.1f} at the end; "
         f"{images} images per folder, batch {BATCH}; {setup['workers']} detector actors x "
         f"{setup['cpus_per_worker']:g} Ray CPU, 1 torch thread each; "
         f"plain loops on {setup['threads']} threads"

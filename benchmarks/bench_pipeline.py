@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.report import publish
+from benchmarks.report import machine, publish
 from pipelines.common import keep_freed_memory, start_ray
 from pipelines.data.builtin import write_builtin
 from pipelines.data.datasets import read_dataset
@@ -209,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     images = 256 if args.quick else args.images
     table = format_table(run(images, args.quick))
-    header = f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {images} built-in images, preset tiny"
+    header = f"machine: {machine()}; {images} built-in images, preset tiny"
     publish(header, table, args.markdown)
 
 

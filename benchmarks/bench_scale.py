@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.report import publish
+from benchmarks.report import machine, publish
 
 SIZES = (2_000, 16_000, 118_000)
 QUICK_SIZES = (500, 2_000)
@@ -390,7 +389,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.work) as work:
         results = run(sizes, args.preset, Path(work))
     header = (
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at "
+        f"machine: {machine()}, load average {os.getloadavg()[0]:.1f} at "
         f"the end; preset {args.preset}; {POOL} pooled 640x480 photos, {BOXES_PER_IMAGE} boxes per image"
     )
     publish(header, format_table(results, args.preset), args.markdown)

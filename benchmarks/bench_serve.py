@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import io
 import os
-import platform
 import socket
 import tempfile
 import time
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.report import publish
+from benchmarks.report import machine, publish
 from pipelines.common import start_ray
 from pipelines.serve import deployments as serving
 from pipelines.serve import requests as serve_requests
@@ -266,7 +265,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     table = format_table(run(args.model, clients, args.quick), clients)
     header = (
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at the start, "
+        f"machine: {machine()}, load average {load:.1f} at the start, "
         f"torch {torch.__version__}; serve: 1 ingress, 1 detector replica (1 CPU), model's serve config"
     )
     publish(header, table, args.markdown)

@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 import torchvision
 
+from benchmarks.report import machine
 from jobs import train as train_job
 from jobs.quickstart import SETTINGS as QUICKSTART_SETTINGS
 from jobs.quickstart import WORKERS as QUICKSTART_WORKERS
@@ -474,7 +474,7 @@ def main() -> None:
     import ray
 
     header = (
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"machine: {machine()}, "
         f"torchvision {torchvision.__version__}, ray {ray.__version__}, malloc tuned: {tuned}; "
         f"preset tiny, batch {BATCH} per worker, {images} train images, augment: {args.augment}; "
         f"load average {load_before:.1f} at the start, {load_after:.1f} at the end"

@@ -36,3 +36,18 @@ def cpu_isa() -> str:
         return "?"
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return isa + (" + AMX" if "amx_tile" in flags else "")
+
+
+def machine() -> str:
+    """What a figure was measured on: architecture, CPU model and ISA, cores, torch build, GPU.
+    (The same benchmark differs 3-5x between the 2-core machines this project runs on.)"""
+    import os
+
+    import torch
+
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()} {cpu_name()} ({cpu_isa()}), {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({build}), {gpu}"
+    )
