@@ -131,7 +131,9 @@ def training_data(
         info = prepared.info(split)
         samples = _expanded(prepared, split, cfg, data_cpus)
         fit = prepared.dataset(split, targets=False, num_cpus=data_cpus, limit=FIT_IMAGES).materialize()
-        fit_ids = {int(i) for i in fit.unique("image_id")}
+        # read off the materialised blocks: no Ray Data operator (an aggregate such as `unique`
+        # asks a whole CPU, which a Tune trial's placement group does not have)
+        fit_ids = {int(i) for batch in fit.iter_batches(batch_size=None) for i in batch["image_id"]}
         fit_ground_truth = prepared.ground_truth(split, image_ids=fit_ids)
     else:
         rows, info, _ = read_dataset(data.probe, split=whole if val_data else "train", **_split_args(cfg))

@@ -95,7 +95,7 @@ def test_tiny_fits_64_real_object_photos_through_rayssd_train_sanity(
     args = parser.parse_args(
         [
             "--data", str(annotations), "--preset", "tiny", "--sanity", "64",
-            "--storage", str(tmp_path / "runs"), "--quiet", "--set", "train.batch_size=16",
+            "--storage", str(tmp_path / "runs"), "--quiet", "--set", "train.batch_size=8",
         ]
     )  # fmt: skip
     out = train_job.run(args)
