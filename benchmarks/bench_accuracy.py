@@ -30,7 +30,6 @@ import dataclasses
 import io
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -41,15 +40,15 @@ import torch
 from PIL import Image
 
 from benchmarks.realobjects import SETS, compose
-from benchmarks.report import cpu_isa, cpu_name, publish
+from benchmarks.report import machine, publish
 from ssd import config as C
 from ssd.anchors import default_boxes
+from ssd.detector import Detector
 from ssd.evaluate import CocoEvaluator
 from ssd.grid_matching import GridMatcher
 from ssd.matching import encode_targets_batch
 from ssd.model import build_ssd
 from ssd.optim import build_optimizer, learning_rate, set_learning_rate
-from ssd.postprocess import postprocess
 from ssd.step import TrainStep
 from ssd.transforms import eval_transform, rng_for, smallest_object, train_transform
 
@@ -163,20 +162,7 @@ def _train(name: str, samples, num_classes: int, budget_s: float, seed: int) -> 
             return scaled
 
     else:
-        inf = cfg.inference
-
-        def detect(images: torch.Tensor, sizes: list[tuple[int, int]]) -> list[dict]:
-            cls_logits, loc_preds = model(images)
-            return postprocess(
-                cls_logits,
-                loc_preds,
-                dboxes,
-                sizes,
-                inf.score_threshold,
-                inf.nms_threshold,
-                inf.topk_candidates,
-                inf.max_detections,
-            )
+        detect = Detector(model, cfg)  # decoding and per-class NMS as every rayssd path does
 
     return size, facts, detect
 
@@ -290,8 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="rayssd-accuracy-") as work:
         rows = run(sets, models, args.budget_s, args.train, args.val, Path(work))
     header = (
-        f"machine: {platform.machine()} {cpu_name()} ({cpu_isa()}), {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads, no GPU; {args.train} train / "
+        f"machine: {machine()}, {torch.get_num_threads()} torch threads; {args.train} train / "
         f"{args.val} val images per set, batch {BATCH}, {args.budget_s:.0f} s of training per model and set; "
         f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from benchmarks.report import cpu_isa, cpu_name, publish
+from benchmarks.report import machine, publish
 from jobs.quickstart import SETTINGS as QUICKSTART_SETTINGS
 from jobs.quickstart import WORKERS
 from pipelines.data.builtin import write_builtin
@@ -237,11 +236,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     runs, notes, budget = run(p)
     load_after = os.getloadavg()[0]
-    import torch
 
     header = (
-        f"machine: {platform.machine()} {cpu_name()} ({cpu_isa()}), {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}; "
+        f"machine: {machine()}; "
         f"preset tiny, built-in data: {p['images']} train / {p['val']} val / {p['test']} held-out "
         f"test images; budget B = {budget:.0f} s (the hand-picked run's wall time, {p['epochs']} "
         f"epochs, {WORKERS} workers); "

@@ -53,6 +53,7 @@ def anchor_coverage(ground_truth: dict, cfg: C.Config) -> dict[str, float]:
     from torchvision.ops import box_iou
 
     from ssd.anchors import default_boxes
+    from ssd.boxes import cxcywh_to_xyxy
 
     sizes = {image["id"]: (image["width"], image["height"]) for image in ground_truth["images"]}
     rows = []
@@ -68,7 +69,7 @@ def anchor_coverage(ground_truth: dict, cfg: C.Config) -> dict[str, float]:
         return {"poor": 0.0, "median_iou": nan, "median_scale": nan, "smallest_default": smallest}
     boxes = torch.tensor(rows, dtype=torch.float32)
     d = default_boxes(cfg)
-    corners = torch.cat([d[:, :2] - d[:, 2:] / 2, d[:, :2] + d[:, 2:] / 2], dim=1)
+    corners = cxcywh_to_xyxy(d)
     best = torch.cat([box_iou(chunk, corners).max(dim=1).values for chunk in boxes.split(1024)])
     scale = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
     return {
