@@ -10,11 +10,12 @@ it keeps the same 200 detections per image a briefly trained one does, so post-p
 the same). Batches of 32.
 
 1. Steady state, images/s from the first batch on (worker start-up is a per-run constant, as in
-   bench_pipeline): `label_rows` (decode tasks, one single-thread detector actor per CPU, weights
-   channels-last) vs a plain loop: one image at a time, decode, resize, the model as loaded
-   (`Detector`, default layout), default torch threads.                     goal: >= 1.6x
+   bench_pipeline): `label_rows` (decode tasks, one single-thread detector actor per CPU,
+   weights in the layout `ssd.layout` measures faster here) vs a plain loop: one image at a
+   time, decode, resize, the model as loaded (`Detector`, default layout), default torch
+   threads.                     goal: >= 1.6x
    Beside it, a stronger baseline: the same loop batched by 32. Also shown: the batched loop
-   with the actors' channels-last weights on one torch thread, and the ceiling of any k-process
+   with the actors' weight layout on one torch thread, and the ceiling of any k-process
    scheme on k CPUs, k x that rate (the pipeline does that loop's work plus moving data).
 2. End to end, photos: `label_source` into a fresh directory (ingest check, actor start-up,
    Parquet, COCO JSON, sample grid) against the whole batched loop, at this number of images.
@@ -95,7 +96,7 @@ def _engine_rate(model: LoadedModel, paths: list[str]) -> float:
     torch.set_num_threads(1)
     try:
         if model.engine == "torch":
-            model = dataclasses.replace(model, model=copy.deepcopy(model.model))  # channels-last on a copy
+            model = dataclasses.replace(model, model=copy.deepcopy(model.model))  # relaid out on a copy
         detector = model.detector(threads=1)
         starts = range(0, len(images), BATCH)
         batches = [(torch.from_numpy(images[i : i + BATCH]), sizes[i : i + BATCH]) for i in starts]
@@ -110,15 +111,15 @@ def _engine_rate(model: LoadedModel, paths: list[str]) -> float:
 
 
 def _loop(
-    paths: list[str], model: LoadedModel, threads: int, batch: int = BATCH, channels_last: bool = False
+    paths: list[str], model: LoadedModel, threads: int, batch: int = BATCH, channels_last: bool | None = False
 ) -> tuple[float, float]:
-    """The plain loop, `batch` images per model call (on a copy of the model moved to the
-    channels-last layout with `channels_last`, as in label_rows' actors): (steady images/s from
-    the second call on, seconds for everything)."""
+    """The plain loop, `batch` images per model call (on a copy of the model in the layout
+    `ssd.layout` picks with `channels_last=None`, as in label_rows' actors): (steady images/s
+    from the second call on, seconds for everything)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    network = copy.deepcopy(model.model) if channels_last else model.model
-    detector = Detector(network, model.cfg, channels_last=channels_last)
+    network = model.model if channels_last is False else copy.deepcopy(model.model)
+    detector = Detector(network, model.cfg, channels_last=channels_last, batch=batch)
     size = model.cfg.model.image_size
     no_boxes = np.zeros((0, 4), np.float32)
     start = time.perf_counter()
@@ -182,7 +183,7 @@ def run(images: int, model_path: str | None) -> tuple[list[tuple], dict]:
             paths = sorted(str(p) for p in folder.glob("*.jpg"))
             loops[name] = (
                 *_loop(paths, model, threads),
-                _loop(paths, model, 1, channels_last=True)[0],
+                _loop(paths, model, 1, channels_last=None)[0],
                 _loop(paths, model, threads, 1)[0],
             )
         start_ray(None, num_cpus=cpus)
@@ -212,7 +213,7 @@ def run(images: int, model_path: str | None) -> tuple[list[tuple], dict]:
                 rate,
                 None,
             ),
-            (f"  {name}: batched loop, channels-last, 1 torch thread (img/s)", single, None, None),
+            (f"  {name}: batched loop, actors' layout, 1 torch thread (img/s)", single, None, None),
             (
                 f"  {name}: ceiling: {cpus} x that, vs the batched loop (img/s)",
                 cpus * single,

@@ -58,7 +58,7 @@ SETTINGS = [
     "train.eval_every=3",
 ]
 FULL = {"train_images": 12_000, "val_images": 500, "epochs": 3}
-QUICK = {"train_images": 1024, "val_images": 100, "epochs": 2}  # the system working, a rough model
+QUICK = {"train_images": 512, "val_images": 100, "epochs": 2}  # the system working, a rough model
 MAP50_GOAL = 0.9  # what the full run reaches (see SETTINGS)
 SERVE_START_TIMEOUT_S = 180.0
 

@@ -40,9 +40,13 @@ class ModelConfig:
     backbone_weights: str | None = None
     image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # RGB, [0, 1] units
     image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # memory layout of weights and images: "auto" (the faster on this machine, measured once by
+    # `ssd.layout` and cached; channels-last on CUDA), "channels_last" or "contiguous"
+    memory_format: str = "auto"
 
 
 BACKBONES = ("vgg16", "mobilenet_v2", "tiny")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @dataclass(frozen=True)
@@ -402,6 +406,7 @@ def validate(cfg: Config) -> Config:
         (m.num_classes >= 2, "model.num_classes", "must be >= 2 (background + at least one class)"),
         (m.image_size >= 32, "model.image_size", "must be >= 32 pixels"),
         (m.width >= 4, "model.width", "must be >= 4"),
+        (m.memory_format in MEMORY_FORMATS, "model.memory_format", f"must be one of {MEMORY_FORMATS}"),
         (len(m.image_mean) == 3 and len(m.image_std) == 3, "model.image_mean", "mean and std need 3 values"),
         (all(v > 0 for v in m.image_std), "model.image_std", "must be > 0"),
         (

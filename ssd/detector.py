@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ssd import config as C
+from ssd import layout
 from ssd.anchors import default_boxes
 from ssd.postprocess import postprocess
 
@@ -24,13 +25,22 @@ class Detector:
     mode for the call, then each module back into the mode it was in.
 
     ``channels_last=True`` moves the model's weights, in place, to the channels-last memory
-    layout, in which oneDNN's CPU convolutions and cuDNN's run faster (forward time measured on
-    1-2 CPU threads: `tiny` 7-12 %, `ssdlite320` 27-39 %, `ssd300_vgg16` 24 % less). Results
-    are the same up to float rounding. For inference paths that own their model (labelling,
-    serving, the MLflow model); a model that is still training keeps its layout.
+    layout, and ``None`` does so where `ssd.layout` finds it the faster on this machine
+    (``cfg.model.memory_format``; measured once, at `batch`, and cached). Which is faster
+    depends on the CPU: forward time on an AVX-512 Xeon, 1-2 threads, `tiny` 7-12 %,
+    `ssdlite320` 27-39 %, `ssd300_vgg16` 24 % less channels-last; on an AVX2-only EPYC
+    (Zen 3) about 20 % more. Results are the same up to float rounding. For inference paths
+    that own their model (labelling, serving, the MLflow model); a model that is still
+    training keeps its layout.
     """
 
-    def __init__(self, model: nn.Module, cfg: C.Config, *, channels_last: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, cfg: C.Config, *, channels_last: bool | None = False, batch: int = 8
+    ) -> None:
+        if channels_last is None:
+            device = next(model.parameters()).device
+            channels_last = layout.channels_last(model, cfg, batch=batch, training=False, device=device)
+        self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)  # 4-D weights only; biases stay as they are
         self.model = model

@@ -6,12 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
 import pytest
 
 from tests.ports import free_port
+
+# The session's own cache of measured memory layouts (`ssd.layout`), inherited by the Ray
+# workers and CLI runs it starts: tests neither read nor fill the user's ~/.cache.
+os.environ.setdefault("RAYSSD_CACHE_DIR", tempfile.mkdtemp(prefix="rayssd-test-cache-"))
 
 
 @pytest.fixture(scope="session")

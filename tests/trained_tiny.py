@@ -94,10 +94,12 @@ def direct_metrics(ckpt_path: str, root: Path) -> dict:
     model, cfg = checkpoint.build_model(checkpoint.load(ckpt_path))
     coco, images, sizes = split(root, "val")
     ids = [im["id"] for im in coco["images"]]
-    detector, evaluator = Detector(model, cfg, channels_last=True), CocoEvaluator(coco)
+    evaluator = CocoEvaluator(coco)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a one-CPU actor: same reduction order, same floats
     try:
+        # and the same weight layout as the actor's (`ssd.layout`; the session's cache is shared)
+        detector = Detector(model, cfg, channels_last=None, batch=32)
         for first in range(0, len(ids), BATCH):
             part = slice(first, first + BATCH)
             found = detector(torch.from_numpy(images[part]), sizes[part])

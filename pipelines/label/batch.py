@@ -90,12 +90,13 @@ class BatchDetector:
         score_threshold: float | None = None,
         max_detections: int | None = None,
         device: str = "cpu",
+        batch: int = 32,
     ) -> None:
         from pipelines.track.models import load_model
 
         torch.set_num_threads(threads)  # an actor owns its CPUs; no oversubscription
         loaded = load_model(model_uri, tracking_uri=tracking_uri)
-        self.detector = loaded.detector(device=device, threads=threads)
+        self.detector = loaded.detector(device=device, threads=threads, batch=batch)
         self.dataset = loaded.dataset  # class_names, category_ids of labels 1..K
         self.score_threshold = score_threshold
         self.max_detections = max_detections
@@ -225,6 +226,7 @@ def _detector_pool(
             **constructor_kwargs,
             "threads": max(1, int(num_cpus)),
             "device": "cuda" if num_gpus else "cpu",
+            "batch": batch_size,  # the batch its memory layout is chosen for (`ssd.layout`)
         },
         batch_size=batch_size,
         batch_format="numpy",

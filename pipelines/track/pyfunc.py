@@ -45,7 +45,7 @@ class SSDModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         ckpt = checkpoint.load(context.artifacts["checkpoint"])
         model, cfg = checkpoint.build_model(ckpt)
-        self.detector = Detector(model, cfg, channels_last=True)
+        self.detector = Detector(model, cfg, channels_last=None, batch=CHUNK)
         self.image_size = cfg.model.image_size
         self.default_max = cfg.inference.max_detections
         self.class_names = list(ckpt["dataset"]["class_names"])

@@ -33,6 +33,7 @@ from pipelines.train.evaluation import distributed, evaluate, sync_buffers
 from pipelines.train.progress import BoardClient
 from ssd import checkpoint as ckpt_io
 from ssd import config as C
+from ssd import layout
 from ssd.model import build_ssd
 from ssd.optim import build_optimizer
 from ssd.step import TrainStep
@@ -144,7 +145,8 @@ def _start(s: LoopSettings) -> _Worker:
 
         os.environ[DOWNLOAD_ENV] = "1"
     model = build_ssd(s.cfg)
-    if device.type == "cuda":
+    channels_last = _agreed_layout(model, s.cfg, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # device + DistributedDataParallel (gloo / NCCL)
     bare = model.module if hasattr(model, "module") else model
@@ -166,10 +168,14 @@ def _start(s: LoopSettings) -> _Worker:
         steps_per_epoch=s.steps_per_epoch,
         step=step,
         device=device,
+        channels_last=channels_last,
     )
     board = BoardClient(s.board)
     tracker = _tracker(s.tracking) if rank == 0 else None
     board.register(rank, world, start_epoch)
+    if rank == 0 and s.cfg.model.memory_format == "auto" and device.type == "cpu":
+        chosen = "channels-last" if channels_last else "contiguous"
+        board.event(f"memory layout: {chosen} (measured faster here; model.memory_format overrides)")
     if rank == 0 and restored is not None:
         board.event(f"restored from the checkpoint of epoch {start_epoch} (step {step})")
         if tracker is not None:
@@ -177,6 +183,18 @@ def _start(s: LoopSettings) -> _Worker:
     return _Worker(
         s, rank, world, device, model, bare, optimizer, trainer, board, tracker, start_epoch, best_map
     )
+
+
+def _agreed_layout(model: torch.nn.Module, cfg: C.Config, device: torch.device) -> bool:
+    """Channels-last or not (`ssd.layout`), the same on every rank: DDP averages gradients
+    element by element in memory order, so all ranks must lay weights out alike.
+    Channels-last only where every rank found it faster."""
+    chosen = layout.channels_last(model, cfg, batch=cfg.train.batch_size, training=True, device=device)
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([int(chosen)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        chosen = bool(flag.item())
+    return chosen
 
 
 def _train_epoch(w: _Worker, shard: Any, epoch: int) -> dict[str, float]:

@@ -67,14 +67,15 @@ def folder(builtin, tmp_path_factory) -> Path:
 
 def _direct(model_path: str, paths: list[str]) -> dict[str, dict[str, np.ndarray]]:
     """The oracle: each image decoded, resized and detected here, one at a time, on one torch
-    thread with channels-last weights (as in a one-CPU labelling actor); path -> boxes, scores,
-    labels."""
+    thread with the weight layout `ssd.layout` chose for a one-CPU labelling actor (the
+    session's layout cache is shared); path -> boxes, scores, labels."""
     loaded = load_model(model_path)
-    detector, size = Detector(loaded.model, loaded.cfg, channels_last=True), loaded.cfg.model.image_size
+    size = loaded.cfg.model.image_size
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}
     try:
+        detector = Detector(loaded.model, loaded.cfg, channels_last=None, batch=32)  # label's batch
         for path in paths:
             pixels = read_image(path)
             resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), size)

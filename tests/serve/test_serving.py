@@ -160,7 +160,8 @@ def server(ray_local, mlflow_server, champion):
 
 def _direct(model_file: str, data: bytes, threshold: float, most: int) -> dict[str, np.ndarray]:
     """The oracle: decode with PIL, resize with `eval_transform`, one `Detector` call at batch 1
-    with the detector replica's settings (channels-last weights)."""
+    with the detector replica's settings (one torch thread, the weight layout `ssd.layout`
+    chose for it: the session's layout cache is shared)."""
     loaded = load_model(model_file)
     size = loaded.cfg.model.image_size
     shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size  # (W, H) as displayed
@@ -169,7 +170,13 @@ def _direct(model_file: str, data: bytes, threshold: float, most: int) -> dict[s
         pixels = np.array(ImageOps.exif_transpose(image).convert("RGB"))  # [h, w, 3] shown
     resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), size)
     images = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))[None]  # [1, 3, S, S]
-    [found] = Detector(loaded.model, loaded.cfg, channels_last=True)(images, [shown[::-1]], threshold, most)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        detector = Detector(loaded.model, loaded.cfg, channels_last=None)
+        [found] = detector(images, [shown[::-1]], threshold, most)
+    finally:
+        torch.set_num_threads(threads)
     return {k: v.numpy() for k, v in found.items()}
 
 

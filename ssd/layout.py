@@ -1,0 +1,160 @@
+"""Which memory layout a model runs fastest in on this machine: channels-last or contiguous.
+
+Measured, not assumed: oneDNN's channels-last convolutions are 24-39 % faster on an AVX-512
+Xeon and about 20 % slower on an AVX2-only AMD EPYC (Zen 3), for the same model and torch.
+So on the CPU a short probe times a few steps of the model in both layouts, interleaved,
+and keeps the faster; the answer is cached per machine (CPU model, ISA, the oneDNN/ATen ISA
+caps in force, torch version, threads) and per model shape, batch and mode, in
+``$RAYSSD_CACHE_DIR`` (default ``~/.cache/rayssd``) ``/layouts.json``, so a machine pays
+for it once. ``model.memory_format`` overrides it (``channels_last`` | ``contiguous``);
+CUDA always takes channels-last (cuDNN's tensor-core convolutions want it).
+
+Pure torch: training (`pipelines.train.loop`), the detector of labelling and serving
+(`ssd.detector.Detector`) and `benchmarks/bench_core` all decide here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssd import config as C
+
+CACHE_ENV = "RAYSSD_CACHE_DIR"
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # variables that cap the ISA torch uses
+PROBE_ROUNDS = 3  # timed steps per layout, interleaved, after one warm-up each
+PROBE_MAX_BATCH = 4  # the probe's batch, at most: the layout's effect shows by then
+MARGIN = 0.03  # channels-last must be this much faster to be chosen (it costs a conversion)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def cpu_isa() -> str:
+    """The widest vector ISA the CPU has: AVX-512 or AVX2, + AMX."""
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        return "?"
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return isa + (" + AMX" if "amx_tile" in flags else "")
+
+
+def machine_key() -> str:
+    """What the probe's answer depends on besides the model: CPU, ISA and the caps on it that
+    oneDNN and ATen honour (`ONEDNN_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`), torch, threads."""
+    caps = ",".join(f"{v}={os.environ[v]}" for v in ISA_CAPS if v in os.environ)
+    return (
+        f"{cpu_name()} ({cpu_isa()}{'; ' + caps if caps else ''}) torch {torch.__version__} "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def _model_key(cfg: C.Config, batch: int, training: bool) -> str:
+    m = cfg.model
+    width = f" w{m.width}" if m.backbone == "tiny" else ""
+    mode = "train" if training else "infer"
+    return f"{m.backbone}{width} {m.image_size}px {m.num_classes} classes batch {batch} {mode}"
+
+
+def channels_last(
+    model: nn.Module,
+    cfg: C.Config,
+    *,
+    batch: int,
+    training: bool,
+    device: torch.device | str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+) -> bool:
+    """Whether `model` (built from `cfg`) should run channels-last on `device`.
+
+    `batch` is the batch it will run at (the probe uses at most `PROBE_MAX_BATCH`);
+    `training` times forward + backward in train mode, else forward under inference mode.
+    `model` is not changed: the probe runs on copies. Costs a few steps once per machine and
+    model shape (cached); nothing on CUDA or when `cfg.model.memory_format` is set.
+    """
+    chosen = cfg.model.memory_format
+    if chosen != "auto":
+        return chosen == "channels_last"
+    if torch.device(device).type == "cuda":
+        return True
+    batch = max(1, min(batch, PROBE_MAX_BATCH))
+    key = f"{machine_key()} | {_model_key(cfg, batch, training)}"
+    path = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rayssd") / "layouts.json"
+    cached = _read(path).get(key)
+    if isinstance(cached, dict) and isinstance(cached.get("channels_last"), bool):
+        return cached["channels_last"]
+    times = probe(model, cfg, batch=batch, training=training)
+    faster = times["channels_last"] < times["contiguous"] * (1 - MARGIN)
+    _write(path, key, {"channels_last": faster, **{f"{k}_s": round(v, 5) for k, v in times.items()}})
+    return faster
+
+
+def probe(model: nn.Module, cfg: C.Config, *, batch: int, training: bool) -> dict[str, float]:
+    """Seconds per step of copies of `model` in each layout: the best of `PROBE_ROUNDS`
+    interleaved rounds after a warm-up (interleaving shares out any load from elsewhere)."""
+    size = cfg.model.image_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    runs = {}
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    for layout, memory_format in formats.items():
+        copied = copy.deepcopy(model).cpu().to(memory_format=memory_format).train(training)
+        runs[layout] = (copied, images.contiguous(memory_format=memory_format))
+    best = {layout: float("inf") for layout in runs}
+    for round_ in range(PROBE_ROUNDS + 1):
+        for layout, (copied, x) in runs.items():
+            start = time.perf_counter()
+            _step(copied, x, training)
+            if round_:  # round 0 warms up (oneDNN builds its kernels)
+                best[layout] = min(best[layout], time.perf_counter() - start)
+    return best
+
+
+def _step(model: nn.Module, images: torch.Tensor, training: bool) -> None:
+    if training:
+        cls_logits, loc_preds = model(images)
+        (cls_logits.float().mean() + loc_preds.float().mean()).backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.inference_mode():
+            model(images)
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, unreadable or half-written by someone else: probe again
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, key: str, value: dict) -> None:
+    """Add one answer; atomically (other processes probe at the same time). A cache that
+    cannot be written costs only a probe next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read(path)
+        data[key] = value
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError:
+        pass
