@@ -15,18 +15,25 @@ Pure torch: training (`pipelines.train.loop`), the detector of labelling and ser
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ssd import config as C
+
+try:
+    import fcntl
+except ImportError:  # Windows: probes may then overlap
+    fcntl = None
 
 CACHE_ENV = "RAYSSD_CACHE_DIR"
 ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # variables that cap the ISA torch uses
@@ -72,7 +79,8 @@ def _model_key(cfg: C.Config, batch: int, training: bool) -> str:
     m = cfg.model
     width = f" w{m.width}" if m.backbone == "tiny" else ""
     mode = "train" if training else "infer"
-    return f"{m.backbone}{width} {m.image_size}px {m.num_classes} classes batch {batch} {mode}"
+    boxes = cfg.anchors.num_default_boxes()  # the heads' widths follow the anchors
+    return f"{m.backbone}{width} {m.image_size}px {m.num_classes} classes {boxes} boxes batch {batch} {mode}"
 
 
 def channels_last(
@@ -98,44 +106,78 @@ def channels_last(
         return True
     batch = max(1, min(batch, PROBE_MAX_BATCH))
     key = f"{machine_key()} | {_model_key(cfg, batch, training)}"
-    path = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rayssd") / "layouts.json"
-    cached = _read(path).get(key)
-    if isinstance(cached, dict) and isinstance(cached.get("channels_last"), bool):
-        return cached["channels_last"]
-    times = probe(model, cfg, batch=batch, training=training)
-    faster = times["channels_last"] < times["contiguous"] * (1 - MARGIN)
-    _write(path, key, {"channels_last": faster, **{f"{k}_s": round(v, 5) for k, v in times.items()}})
+    path = _cache_file(cache_dir)
+    # One probe at a time per cache: a process that starts beside another (two labelling
+    # actors, two training ranks) waits for its answer instead of timing under its load.
+    with _locked(path):
+        cached = _read(path).get(key) if path else None
+        if isinstance(cached, dict) and isinstance(cached.get("channels_last"), bool):
+            return cached["channels_last"]
+        times = probe(model, cfg, batch=batch, training=training)
+        faster = times["channels_last"] < times["contiguous"] * (1 - MARGIN)
+        if path:
+            _write(path, key, {"channels_last": faster, **{f"{k}_s": round(v, 5) for k, v in times.items()}})
     return faster
 
 
 def probe(model: nn.Module, cfg: C.Config, *, batch: int, training: bool) -> dict[str, float]:
     """Seconds per step of copies of `model` in each layout: the best of `PROBE_ROUNDS`
-    interleaved rounds after a warm-up (interleaving shares out any load from elsewhere)."""
+    interleaved rounds after a warm-up (interleaving shares out any load from elsewhere).
+    Images arrive contiguous, as the callers get them; a training step lays them out first,
+    as `ssd.step.TrainStep` does, and inference leaves that to the first convolution."""
     size = cfg.model.image_size
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    runs = {}
+    generator = torch.Generator().manual_seed(0)  # the caller's random stream stays as it was
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-    for layout, memory_format in formats.items():
-        copied = copy.deepcopy(model).cpu().to(memory_format=memory_format).train(training)
-        runs[layout] = (copied, images.contiguous(memory_format=memory_format))
-    best = {layout: float("inf") for layout in runs}
+    copies = {
+        name: copy.deepcopy(model).cpu().to(memory_format=memory_format).train(training)
+        for name, memory_format in formats.items()
+    }
+    best = dict.fromkeys(formats, float("inf"))
     for round_ in range(PROBE_ROUNDS + 1):
-        for layout, (copied, x) in runs.items():
+        for name, copied in copies.items():
             start = time.perf_counter()
-            _step(copied, x, training)
+            _step(copied, images, formats[name], training)
             if round_:  # round 0 warms up (oneDNN builds its kernels)
-                best[layout] = min(best[layout], time.perf_counter() - start)
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
-def _step(model: nn.Module, images: torch.Tensor, training: bool) -> None:
+def _step(model: nn.Module, images: torch.Tensor, memory_format: torch.memory_format, training: bool) -> None:
     if training:
-        cls_logits, loc_preds = model(images)
+        cls_logits, loc_preds = model(images.contiguous(memory_format=memory_format))
         (cls_logits.float().mean() + loc_preds.float().mean()).backward()
         model.zero_grad(set_to_none=True)
     else:
         with torch.inference_mode():
             model(images)
+
+
+def _cache_file(cache_dir: str | os.PathLike | None) -> Path | None:
+    """Where answers are kept; None (probe every time) where no home directory is known."""
+    try:
+        root = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rayssd")
+    except RuntimeError:  # no $HOME and no passwd entry, as in some containers
+        return None
+    return root / "layouts.json"
+
+
+@contextlib.contextmanager
+def _locked(path: Path | None) -> Iterator[None]:
+    """An exclusive lock on `path`'s lock file where the platform and the folder allow one."""
+    handle = None
+    if path is not None and fcntl is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 (closed below)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a read-only or odd folder: go on unlocked
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
 
 
 def _read(path: Path) -> dict:
@@ -147,14 +189,19 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, key: str, value: dict) -> None:
-    """Add one answer; atomically (other processes probe at the same time). A cache that
-    cannot be written costs only a probe next time."""
+    """Add one answer, atomically (a reader never sees half a file); readable by all, so a
+    shared `RAYSSD_CACHE_DIR` serves every user. A cache that cannot be written costs only
+    a probe next time."""
+    data = _read(path)
+    data[key] = value
+    temporary = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read(path)
-        data[key] = value
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            temporary = f.name
             json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(f.name, path)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
     except OSError:
-        pass
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)

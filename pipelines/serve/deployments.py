@@ -8,8 +8,8 @@ original (height, width) to its `pipelines.serve.coalesce.Coalescer`, the one ow
 batching: it sends the requests that queued together to the detector in one call of at most
 ``max_batch_size`` images, waiting up to ``batch_wait_timeout_s`` for a fuller batch while
 other calls are in flight (both retunable through the ingress's ``user_config``). The
-detector runs each call through `LoadedModel.detector` (torch with channels-last weights, or
-ONNX Runtime) as it comes. Decoding and detection scale apart.
+detector runs each call through `LoadedModel.detector` (torch, weights in the layout
+`ssd.layout` measured faster on this machine, or ONNX Runtime) as it comes. Decoding and detection scale apart.
 
 HTTP contract (every answer is JSON; errors are ``{"error": message, "status": code}``):
 

@@ -65,17 +65,17 @@ def folder(builtin, tmp_path_factory) -> Path:
     return root
 
 
-def _direct(model_path: str, paths: list[str]) -> dict[str, dict[str, np.ndarray]]:
+def _direct(model_path: str, paths: list[str], batch: int) -> dict[str, dict[str, np.ndarray]]:
     """The oracle: each image decoded, resized and detected here, one at a time, on one torch
-    thread with the weight layout `ssd.layout` chose for a one-CPU labelling actor (the
-    session's layout cache is shared); path -> boxes, scores, labels."""
+    thread with the weight layout `ssd.layout` chose for a one-CPU labelling actor of this
+    `batch` (the session's layout cache is shared); path -> boxes, scores, labels."""
     loaded = load_model(model_path)
     size = loaded.cfg.model.image_size
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}
     try:
-        detector = Detector(loaded.model, loaded.cfg, channels_last=None, batch=32)  # label's batch
+        detector = Detector(loaded.model, loaded.cfg, channels_last=None, batch=batch)
         for path in paths:
             pixels = read_image(path)
             resized, _ = eval_transform(pixels, np.zeros((0, 4), np.float32), size)
@@ -123,7 +123,7 @@ def test_labelling_a_folder_gives_the_models_own_detections_and_lists_bad_files(
     errors = {Path(e["path"]).name: e["kind"] for e in json.loads((out / "errors.json").read_text())}
     assert errors == {"cut.jpg": "truncated", "fake.png": "unreadable", "notes.txt": "not_an_image"}
 
-    expected = _direct(trained, good)
+    expected = _direct(trained, good, batch=1)
     assert sum(len(e["scores"]) for e in expected.values()) > GOOD  # not a comparison of empties
     for row in rows:
         want = expected[row["path"]]
@@ -246,7 +246,7 @@ def test_an_onnx_export_labels_the_folder_as_the_torch_model_does(ray_local, fol
     summary = label_source(str(folder), loaded, str(tmp_path / "out"), batch_size=4, workers=1)
     assert summary["images"] == GOOD and summary["model"]["loaded_as"] == str(onnx_file)
     rows = pq.read_table(tmp_path / "out" / "labels").to_pylist()
-    expected = _direct(trained, [row["path"] for row in rows])
+    expected = _direct(trained, [row["path"] for row in rows], batch=4)
     assert sum(len(e["scores"]) for e in expected.values()) > GOOD
     for row in rows:
         want = expected[row["path"]]
