@@ -9,7 +9,8 @@ batching: it sends the requests that queued together to the detector in one call
 ``max_batch_size`` images, waiting up to ``batch_wait_timeout_s`` for a fuller batch while
 other calls are in flight (both retunable through the ingress's ``user_config``). The
 detector runs each call through `LoadedModel.detector` (torch, weights in the layout
-`ssd.layout` measured faster on this machine, or ONNX Runtime) as it comes. Decoding and detection scale apart.
+`ssd.layout` measured faster on this machine, or ONNX Runtime) as it comes. Decoding and
+detection scale apart.
 
 HTTP contract (every answer is JSON; errors are ``{"error": message, "status": code}``):
 
