@@ -9,7 +9,8 @@
 2. one SSD300-VGG16 training step (forward, loss, backward, SGD) at the same batch and
    input size: ours takes precomputed targets from the data pipeline and runs in the
    memory layout `ssd.layout` measures faster on this machine; torchvision's model resizes,
-   normalises and matches inside its forward, as its users run it. images/s.           goal: >= 1.15x
+   normalises and matches inside its forward, as its users run it. images/s.
+                                             goal: >= 1.15x
    (also printed: torchvision converted to channels-last, for reference)
 3. `tiny` preset training step, images/s.    goal: >= 30
 """

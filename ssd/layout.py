@@ -83,6 +83,16 @@ def _model_key(cfg: C.Config, batch: int, training: bool) -> str:
     return f"{m.backbone}{width} {m.image_size}px {m.num_classes} classes {boxes} boxes batch {batch} {mode}"
 
 
+def cache_key(cfg: C.Config, batch: int, training: bool) -> str:
+    """The cache entry of this machine and `cfg`'s model run at `batch` (capped at
+    `PROBE_MAX_BATCH`, as the probe runs it) in training or inference."""
+    return f"{machine_key()} | {_model_key(cfg, _probe_batch(batch), training)}"
+
+
+def _probe_batch(batch: int) -> int:
+    return max(1, min(batch, PROBE_MAX_BATCH))
+
+
 def channels_last(
     model: nn.Module,
     cfg: C.Config,
@@ -104,8 +114,7 @@ def channels_last(
         return chosen == "channels_last"
     if torch.device(device).type == "cuda":
         return True
-    batch = max(1, min(batch, PROBE_MAX_BATCH))
-    key = f"{machine_key()} | {_model_key(cfg, batch, training)}"
+    key = cache_key(cfg, batch, training)
     path = _cache_file(cache_dir)
     # One probe at a time per cache: a process that starts beside another (two labelling
     # actors, two training ranks) waits for its answer instead of timing under its load.
@@ -113,7 +122,7 @@ def channels_last(
         cached = _read(path).get(key) if path else None
         if isinstance(cached, dict) and isinstance(cached.get("channels_last"), bool):
             return cached["channels_last"]
-        times = probe(model, cfg, batch=batch, training=training)
+        times = probe(model, cfg, batch=_probe_batch(batch), training=training)
         faster = times["channels_last"] < times["contiguous"] * (1 - MARGIN)
         if path:
             _write(path, key, {"channels_last": faster, **{f"{k}_s": round(v, 5) for k, v in times.items()}})

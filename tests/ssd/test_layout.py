@@ -104,7 +104,7 @@ def _rank(rank: int, init: str, cache_dirs: list[str], results) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         cfg = _cfg()
-        key = f"{layout.machine_key()} | {layout._model_key(cfg, layout.PROBE_MAX_BATCH, True)}"
+        key = layout.cache_key(cfg, cfg.train.batch_size, training=True)
         with open(os.path.join(cache_dirs[rank], "layouts.json"), "w") as f:
             json.dump({key: {"channels_last": rank == 0}}, f)
         results[rank] = _agreed_layout(build_ssd(cfg), cfg, torch.device("cpu"))
