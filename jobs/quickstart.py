@@ -38,7 +38,7 @@ from pipelines.common import JobError
 DESCRIPTION = """Run the whole of rayssd on this machine: write the built-in dataset, train the
 tiny preset with Ray Train on 2 DDP workers (Ray Data prepares the samples), evaluate it,
 register it in MLflow, label the val split with Ray Data, serve it with Ray Serve and send
-it a real request, then print where everything is. About 8 minutes on 2 AVX-512 CPU
+it a real request, then print where everything is. About 7-10 minutes on 2 AVX-512 CPU
 cores, up to 27 on slow AVX2-only ones (--quick: about 2). Re-running is safe: the
 dataset is reused and each run has its own name."""
 
