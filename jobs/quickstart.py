@@ -34,31 +34,40 @@ from typing import Any
 
 from jobs.options import run_job
 from pipelines.common import JobError
+from pipelines.train.progress import format_duration
 
 DESCRIPTION = """Run the whole of rayssd on this machine: write the built-in dataset, train the
 tiny preset with Ray Train on 2 DDP workers (Ray Data prepares the samples), evaluate it,
 register it in MLflow, label the val split with Ray Data, serve it with Ray Serve and send
-it a real request, then print where everything is. About 7-10 minutes on 2 AVX-512 CPU
-cores, up to 27 on slow AVX2-only ones (--quick: about 2). Re-running is safe: the
-dataset is reused and each run has its own name."""
+it a real request, then print where everything is, with the expected duration once the
+first steps are timed. About 10 minutes on 2 slow AVX2-only CPU cores (training 9000
+images x 5 epochs: 10.0 min measured on a Zen 3 EPYC), less on faster ones (--quick: about 2).
+Re-running is safe: the dataset is reused and each run has its own name."""
 
 REGISTERED_NAME = "rayssd-quickstart"
 WORKERS = 2
-# `tiny` on the built-in dataset (tuned by hand, one place). Measured on the 12k built-in
-# images, 2 workers, no augmentation, val mAP@0.5 after 2 epochs: batch 16/worker lr 3e-3
-# warm-up 1 epoch 0.879, warm-up 0.1 0.815; batch 8/worker warm-up 0.3: lr 1.5e-3 0.869,
-# lr 3e-3 0.897, lr 5e-3 0.904-0.911 (more, smaller steps and a higher rate). A third
-# epoch buys a margin over 0.9 for about 100 s.
+# `tiny` on the built-in dataset (tuned by hand, one place). Width 16 trains 2.5-2.9x faster
+# per image than the preset's 32 on a Zen 3 core; smaller batches (8 in all) learned more per
+# image seen than 16 or 32 in one-process runs. Measured through
+# `rayssd train` on a 2-core AMD EPYC (Zen 3, AVX2 only), 2 workers, no augmentation,
+# warm-up 0.3 epoch, lr 3e-3, 500 val images: 6000 images x 6 epochs val mAP@0.5 0.884
+# (417 s for the command), 9000 x 5 0.905 (511 s). The settings before (width 32, batch
+# 8/worker, lr 5e-3, 12000 x 3) reached 0.934; their training took 1410 s on that CPU class.
 SETTINGS = [
-    "train.epochs=3",
-    "train.batch_size=8",
-    "train.lr=5e-3",
+    "model.width=16",
+    "train.epochs=5",
+    "train.batch_size=4",
+    "train.lr=3e-3",
     "data.augment=false",
     "train.warmup_epochs=0.3",
-    "train.eval_every=3",
+    "train.eval_every=5",
 ]
-FULL = {"train_images": 12_000, "val_images": 500, "epochs": 3}
+FULL = {"train_images": 9_000, "val_images": 500, "epochs": 5}
 QUICK = {"train_images": 512, "val_images": 100, "epochs": 2}  # the system working, a rough model
+# what the stages after training (evaluation, registration, labelling, serving) took, in
+# training steps at the measured pace: about 70 s at 14 steps/s (Zen 3)
+AFTER_TRAINING_STEPS = 1_000
+FIRST_STEPS_SKIPPED = 10  # the pace is measured from here (the first steps are slow)
 MAP50_GOAL = 0.9  # what the full run reaches (see SETTINGS)
 SERVE_START_TIMEOUT_S = 180.0
 
@@ -134,6 +143,38 @@ class _Stages:
         return time.perf_counter() - self.start
 
 
+class _Expectation:
+    """Prints, once, when the quickstart should end: the training's pace measured between two
+    progress snapshots a quarter of an epoch apart (after the first steps, which are slow),
+    the steps still to go, and what the stages after training took on the machine measured
+    (`AFTER_TRAINING_STEPS`) at that pace."""
+
+    def __init__(self, stages: _Stages) -> None:
+        self.stages, self.printed = stages, False
+        self.first: dict[str, Any] | None = None
+
+    def __call__(self, snapshot: dict[str, Any]) -> None:
+        if self.printed or snapshot.get("phase") != "train":
+            return
+        if self.first is None:
+            if snapshot["step"] >= FIRST_STEPS_SKIPPED:
+                self.first = snapshot
+            return
+        steps = snapshot["step"] - self.first["step"]
+        seconds = snapshot["time"] - self.first["time"]
+        if steps < snapshot["steps_per_epoch"] / 4 or seconds <= 0:
+            return
+        self.printed = True
+        per_step = seconds / steps
+        training = per_step * (snapshot["epochs"] * snapshot["steps_per_epoch"] - snapshot["step"])
+        total = self.stages.elapsed() + training + per_step * AFTER_TRAINING_STEPS
+        print(
+            f"      expected: training ends in about {format_duration(training)} ({1 / per_step:.1f} steps/s "
+            f"measured); the whole quickstart in about {total / 60:.0f} min",
+            flush=True,
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class QuickstartOptions:
     """What `rayssd quickstart` was asked for."""
@@ -206,6 +247,7 @@ def quickstart(o: QuickstartOptions) -> dict[str, Any]:
                     name=name,
                     register_as=REGISTERED_NAME,
                     scratch_warning=False,  # the built-in scenes: tiny learns them from scratch
+                    on_progress=_Expectation(stages),
                 )
             )
         )

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ class TrainOptions:
     sanity: int | None = None
     download_weights: bool = False  # model.backbone_weights=imagenet may be downloaded (`ssd.pretrained`)
     scratch_warning: bool = True  # say so when training from scratch on a small dataset
+    # called on the driver with each progress snapshot (`pipelines.train.loop._step_snapshot`)
+    on_progress: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclasses.dataclass
@@ -468,7 +471,7 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
     from ray.train import TrainingFailedError
 
     try:
-        with ProgressPrinter(board, quiet=o.quiet):
+        with ProgressPrinter(board, quiet=o.quiet, on_snapshot=o.on_progress):
             try:
                 result = trainer.fit()
             except TrainingFailedError as exc:

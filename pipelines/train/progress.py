@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from pipelines.common import ACTOR_NAMESPACE
@@ -130,7 +131,7 @@ def format_snapshot(s: dict[str, Any]) -> str:
     if not s:
         return "starting workers..."
     eta = s.get("eta_s")
-    eta_text = f"ETA {_duration(eta)}" if eta is not None else "ETA -"
+    eta_text = f"ETA {format_duration(eta)}" if eta is not None else "ETA -"
     phase = s.get("phase", "train")
     head = f"epoch {s['epoch']}/{s['epochs']}"
     if phase == "eval":
@@ -142,7 +143,8 @@ def format_snapshot(s: dict[str, Any]) -> str:
     )
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
     seconds = max(0, int(seconds))
     return (
         f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -153,7 +155,8 @@ def _duration(seconds: float) -> str:
 
 class ProgressPrinter:
     """Background thread on the driver: polls the board and prints status lines. On a
-    terminal the line is rewritten in place; in a log, a line every `log_every_s`."""
+    terminal the line is rewritten in place; in a log, a line every `log_every_s`.
+    `on_snapshot` (say, an estimate of when a longer job ends) sees each new snapshot."""
 
     def __init__(
         self,
@@ -162,8 +165,10 @@ class ProgressPrinter:
         poll_s: float = 1.0,
         log_every_s: float = 15.0,
         quiet: bool = False,
+        on_snapshot: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.board = board
+        self.on_snapshot = on_snapshot  # called on this thread with every new snapshot
         self.stream = stream or sys.stdout
         self.poll_s = poll_s
         self.log_every_s = log_every_s
@@ -173,6 +178,7 @@ class ProgressPrinter:
         self._thread = threading.Thread(target=self._run, name="rayssd-progress", daemon=True)
         self._seen_events = 0
         self._last_line = ""
+        self._last_snapshot: dict[str, Any] = {}
 
     def __enter__(self) -> ProgressPrinter:
         self._thread.start()
@@ -187,21 +193,28 @@ class ProgressPrinter:
         last_logged = 0.0
         while not self._stop.wait(self.poll_s):
             now = time.time()
-            if self.tty or now - last_logged >= self.log_every_s:
-                self._print_state()
+            show = self.tty or now - last_logged >= self.log_every_s
+            if show or self.on_snapshot is not None:
+                self._print_state(show=show)
+            if show:
                 last_logged = now
 
-    def _print_state(self, final: bool = False) -> None:
+    def _print_state(self, final: bool = False, show: bool = True) -> None:
         import ray
 
         try:
             state = ray.get(self.board.state.remote(), timeout=5)
         except Exception:  # the board is best effort: a missed update is not worth a traceback
             return
+        if self.on_snapshot is not None and state["snapshot"] and state["snapshot"] != self._last_snapshot:
+            self._last_snapshot = state["snapshot"]
+            self.on_snapshot(state["snapshot"])
         events = state["events"][self._seen_events :]
         self._seen_events += len(events)
         for event in events:
             self._write_line(event["message"])
+        if not show:
+            return
         line = format_snapshot(state["snapshot"])
         if self.tty and not final:
             self.stream.write("\r\x1b[2K" + line)

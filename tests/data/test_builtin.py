@@ -69,6 +69,16 @@ def test_same_seed_gives_byte_identical_files(small, tmp_path):
     assert first == second
 
 
+def test_scenes_drawn_in_worker_processes_give_the_same_files(small, tmp_path, monkeypatch):
+    from pipelines.data import builtin
+
+    monkeypatch.setattr(builtin, "CHUNK", 4)  # several tasks for the two processes
+    seen = []
+    write_builtin(tmp_path / "par", seed=0, processes=2, progress=lambda *a: seen.append(a), **SMALL)
+    assert _hashes(tmp_path / "par") == _hashes(small)
+    assert seen[:2] == [("train", 4, 20), ("train", 8, 20)] and seen[-1] == ("val", 5, 5)
+
+
 def test_a_different_seed_gives_different_images_and_boxes(small, tmp_path):
     other = tmp_path / "other"
     write_builtin(other, seed=1, **SMALL)

@@ -42,6 +42,8 @@ def test_quickstart_runs_the_whole_system_and_can_run_again(tmp_path):
     first, out1 = _quickstart(tmp_path, tmp_path / "qs", env)
 
     assert "[4/4] serve" in out1 and "done in" in out1  # stages shown as they go, then the summary
+    # once the first steps are timed, when it should end (printed once)
+    assert out1.count("expected: training ends in about ") == 1 and "the whole quickstart in about" in out1
     assert first["serve"]["detections"] > 0  # the endpoint answered a real request with boxes
     assert first["serve"]["model"]["version"] == "1"
     assert first["model_uri"] == "models:/rayssd-quickstart/1" and first["champion"] is True
