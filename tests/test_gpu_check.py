@@ -25,7 +25,9 @@ def test_it_imports_nothing_but_torch_torchvision_and_rayssds_own_numerics():
 def test_a_training_row_an_inference_row_and_the_table(tmp_path):
     cpu = torch.device("cpu")
     train = gpu_check.train_rate("ssdlite320", 2, "bf16+cl", cpu, 1)
-    theirs = gpu_check.train_rate("torchvision ssd300_vgg16", 2, "bf16+cl", cpu, 1)
+    # fp32 in channels-last: bf16 is emulated on CPUs without AVX-512 BF16 (one step at batch 1
+    # took 437 s on an AVX2-only EPYC); the bf16 path is the ssdlite320 row's
+    theirs = gpu_check.train_rate("torchvision ssd300_vgg16", 2, "cl", cpu, 1)
     infer = gpu_check.infer_rate("ssdlite320", 2, "bf16", cpu, 1)
     assert train["images_per_s"] > 0 and theirs["images_per_s"] > 0 and infer["images_per_s"] > 0
     assert train["gpu_idle_share"] is None  # measured on CUDA only

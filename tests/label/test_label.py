@@ -87,6 +87,37 @@ def _direct(model_path: str, paths: list[str], batch: int) -> dict[str, dict[str
     return out
 
 
+def _assert_same_detections(row: dict, want: dict[str, np.ndarray], cfg, score_atol: float) -> None:
+    """`row`'s detections are `want`'s: one to one with the same label, score within
+    `score_atol` and box within 1e-3 of the image size. Two backends' rounding may reorder
+    detections whose scores are that close, and may keep or drop one that close to the score
+    threshold or, in a full list, to the lowest score kept; nothing else may differ."""
+    boxes = np.array(row["boxes"], np.float64).reshape(-1, 4)
+    scores, labels = np.array(row["scores"], np.float64), np.array(row["labels"])
+    box_atol = 1e-3 * max(row["width"], row["height"])
+    inference = cfg.inference
+
+    def at_edge(score: float, all_scores: np.ndarray) -> bool:
+        lowest = all_scores.min() if len(all_scores) == inference.max_detections else -1.0
+        return score - inference.score_threshold <= score_atol or score - lowest <= score_atol
+
+    unmatched = set(range(len(scores)))
+    for box, score, cls in zip(want["boxes"], want["scores"], want["labels"]):
+        same = [
+            j
+            for j in sorted(unmatched)
+            if labels[j] == cls
+            and abs(scores[j] - score) <= score_atol
+            and np.abs(boxes[j] - box).max() <= box_atol
+        ]
+        if same:
+            unmatched.remove(same[0])
+        else:
+            assert at_edge(float(score), want["scores"]), (row["path"], "missing", cls, score, box)
+    for j in unmatched:
+        assert at_edge(scores[j], scores), (row["path"], "extra", labels[j], scores[j], boxes[j])
+
+
 def test_label_rows_are_plain_list_columns_whatever_the_detection_counts(builtin):
     """`decode_batch` then `label_table` on a hand-made batch, no cluster: equal counts (2, 2)
     stay list columns (Ray would make them a fixed-shape tensor), and labels name categories."""
@@ -249,11 +280,7 @@ def test_an_onnx_export_labels_the_folder_as_the_torch_model_does(ray_local, fol
     expected = _direct(trained, [row["path"] for row in rows], batch=4)
     assert sum(len(e["scores"]) for e in expected.values()) > GOOD
     for row in rows:
-        want = expected[row["path"]]
-        assert row["labels"] == want["labels"].tolist(), row["path"]
-        np.testing.assert_allclose(row["scores"], want["scores"], atol=1e-5)
-        tolerance = 1e-3 * max(row["width"], row["height"])
-        np.testing.assert_allclose(np.array(row["boxes"]).reshape(-1, 4), want["boxes"], atol=tolerance)
+        _assert_same_detections(row, expected[row["path"]], cfg, score_atol=1e-5)
 
 
 def test_labels_become_coco_and_yolo_datasets_that_read_back_as_the_detections(
@@ -273,10 +300,18 @@ def test_labels_become_coco_and_yolo_datasets_that_read_back_as_the_detections(
     with Image.open(jpgs[2]) as image:  # x.png beside x.jpg
         image.convert("RGB").resize((120, 90)).save(source / jpgs[0].with_suffix(".png").name)
     twin = str(source / jpgs[0].with_suffix(".png").name)
+    # S halfway between the model's 6th and 7th best scores here (a briefly trained model's
+    # scores differ between CPUs): a few detections kept, the rest cut.
+    scores = []
+    for found in _direct(trained, [str(p) for p in source.rglob("*.*")], batch=4).values():
+        boxes = found["boxes"]
+        scores += found["scores"][(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])].tolist()
+    best = sorted(scores, reverse=True)
+    min_score = float(np.float32((best[5] + best[6]) / 2))
     out = tmp_path / "out"
     argv = ["--model", trained, "--input", str(source), "--out", str(out), "--no-tracking"]
     with pytest.raises(SystemExit) as exit_info:
-        label.main([*argv, "--format", "coco-dataset", "--format", "yolo", "--min-score", "0.3"])
+        label.main([*argv, "--format", "coco-dataset", "--format", "yolo", "--min-score", repr(min_score)])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "coco-dataset: 5 images" in printed and "yolo: 4 images" in printed, printed
@@ -288,7 +323,7 @@ def test_labels_become_coco_and_yolo_datasets_that_read_back_as_the_detections(
     for path, row in rows.items():
         boxes = np.array(row["boxes"], np.float32).reshape(-1, 4)
         flat = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])  # clipped to an edge: no box
-        keep = (np.array(row["scores"], np.float32) >= 0.3) & ~flat
+        keep = (np.array(row["scores"], np.float32) >= min_score) & ~flat
         boxes = boxes[keep]
         expected[path] = (boxes, np.array(row["labels"])[keep], np.array(row["scores"], np.float32)[keep])
     assert sum(len(e[1]) for e in expected.values()) >= 5  # not a comparison of empties
