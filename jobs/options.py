@@ -9,6 +9,8 @@ from typing import Any
 
 from ssd import config as C
 
+TERMINATED = 143  # 128 + SIGTERM: the status of a job stopped by SIGTERM, as a shell reports it
+
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
     """--preset, --config FILE and repeatable --set key.path=value."""
@@ -41,9 +43,11 @@ def call_job(label: str, run: Callable[[argparse.Namespace], Any], args: argpars
     """Run a job and turn its outcome into an exit status, the one mapping every entry point
     uses: 0 done (or the status the job returned, e.g. submit's), 2 bad input (config,
     arguments, data, model: one ``LABEL: error:`` line, no traceback), 1 the work failed
-    (`pipelines.common.JobError`), 130 interrupted (the message says how to continue)."""
-    from pipelines.common import JobError
+    (`pipelines.common.JobError`), 130 interrupted by Ctrl-C and 143 stopped by SIGTERM (the
+    message says how to continue)."""
+    from pipelines.common import JobError, stop_on_sigterm, was_terminated
 
+    stop_on_sigterm()
     try:
         result = run(args)
     except (ValueError, FileNotFoundError) as exc:
@@ -54,7 +58,10 @@ def call_job(label: str, run: Callable[[argparse.Namespace], Any], args: argpars
         return 1
     except KeyboardInterrupt as exc:
         print(f"{label}: {exc or 'interrupted'}", file=sys.stderr)
-        return 130
+        return TERMINATED if was_terminated() else 130
+    if was_terminated():  # stopped cleanly on SIGTERM (a server): still say so in the status
+        print(f"{label}: stopped by SIGTERM", file=sys.stderr)
+        return TERMINATED
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 

@@ -15,7 +15,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,33 @@ class JobError(RuntimeError):
     message says what failed and what to do."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (docker stop, Kubernetes, systemd): the job stops as on Ctrl-C."""
+
+
+_terminated = threading.Event()
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    _terminated.set()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated("stopped by SIGTERM")
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop the job as Ctrl-C does: `Terminated` (a KeyboardInterrupt) is raised in
+    the main thread, so a job ends its MLflow run as KILLED, says how to resume, and its local
+    Ray shuts down with it. Called by `jobs.options.call_job` and again by `start_ray`: Ray's
+    own handlers, installed while it connects, print a stack dump and abort. Main thread only."""
+    if threading.current_thread() is threading.main_thread() and not _terminated.is_set():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def was_terminated() -> bool:
+    """Whether this process has received SIGTERM (its exit status is then 143)."""
+    return _terminated.is_set()
+
+
 def quiet_ray_data() -> None:
     """Ray Data's progress bars on a terminal; in logs, no per-operator INFO lines."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -92,4 +121,5 @@ def start_ray(address: str | None, **init_kwargs: Any) -> bool:
         for name, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(name, value)  # a user's own setting wins
     ray.init(address=address, **init_kwargs)
+    stop_on_sigterm()
     return True

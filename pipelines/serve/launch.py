@@ -93,7 +93,8 @@ def serve(o: ServeOptions, stop: threading.Event | None = None) -> dict[str, Any
         raw = "-H 'Content-Type: image/jpeg' --data-binary @a.jpg"
         print(f"  curl -X POST '{url}/detect?score_threshold=0.3' {raw}")
         print(f"  curl -X POST {url}/detect -F file=@a.jpg", flush=True)
-        _serve_until_stopped(o, settings.name, metrics, stop or threading.Event())
+        if _serve_until_stopped(o, settings.name, metrics, stop or threading.Event()):
+            status = "KILLED"  # Ctrl-C or SIGTERM: stopped, not failed
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         raise
@@ -152,9 +153,9 @@ def _start_run(o: ServeOptions, model, settings: ServeSettings, url: str):
     return tracker
 
 
-def _serve_until_stopped(o: ServeOptions, app: str, metrics: _RunMetrics, stop: threading.Event) -> None:
-    """Log the metrics of the requests since the last report every `o.metrics_every_s`;
-    Ctrl-C stops."""
+def _serve_until_stopped(o: ServeOptions, app: str, metrics: _RunMetrics, stop: threading.Event) -> bool:
+    """Log the metrics of the requests since the last report every `o.metrics_every_s`, until
+    `stop`, --duration, Ctrl-C or SIGTERM; returns whether Ctrl-C or SIGTERM stopped it."""
     from pipelines.serve import deployments
 
     deadline = time.monotonic() + o.duration_s if o.duration_s else float("inf")
@@ -165,5 +166,7 @@ def _serve_until_stopped(o: ServeOptions, app: str, metrics: _RunMetrics, stop: 
             summary = deployments.stats(after=cursor, app=app)  # every sample in exactly one report
             cursor = summary["cursor"]
             metrics.log(summary)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
+    except KeyboardInterrupt as exc:
+        print(f"stopping ({exc or 'Ctrl-C'})", flush=True)
+        return True
+    return False
