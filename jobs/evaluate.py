@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=2, metavar="N", help="at most N detection workers (default: 2)"
     )
-    parser.add_argument("--out", metavar="FILE.json", help="also write the metrics to this JSON file")
+    parser.add_argument(
+        "--out", metavar="FILE.json", help="also write the metrics to this JSON file (a path or an s3:// URI)"
+    )
     parser.add_argument(
         "--strict", action="store_true", help="fail on the first data problem, naming the file"
     )

@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         default="rayssd-runs",
-        help="where runs keep checkpoints (default: ./rayssd-runs; on a cluster a path every node mounts)",
+        help="where runs keep checkpoints, their record and prepared samples: a local folder (default: "
+        "./rayssd-runs) or a bucket URI (s3://BUCKET/runs, gs://...; credentials and endpoint from the "
+        "standard variables such as AWS_ENDPOINT_URL). On a cluster: a bucket, or a path every node mounts",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue run --name from its last checkpoint, with its config"

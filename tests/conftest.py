@@ -13,10 +13,57 @@ import urllib.request
 import pytest
 
 from tests.ports import free_port
+from tests.storage import MLFLOW_ARTIFACT_BUCKET
 
 # The session's own cache of measured memory layouts (`ssd.layout`), inherited by the Ray
 # workers and CLI runs it starts: tests neither read nor fill the user's ~/.cache.
 os.environ.setdefault("RAYSSD_CACHE_DIR", tempfile.mkdtemp(prefix="rayssd-test-cache-"))
+
+# Object storage: an S3 API (moto's standalone server, `s3_server`) on 127.0.0.1, reached by
+# every client (pyarrow, boto3, MLflow, Ray's workers) through the standard variables alone.
+# Set before anything starts Ray, so that its workers inherit them; nothing reaches AWS.
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+    os.environ.pop(_name, None)
+os.environ.update(
+    AWS_ENDPOINT_URL=S3_ENDPOINT,
+    MLFLOW_S3_ENDPOINT_URL=S3_ENDPOINT,
+    AWS_ACCESS_KEY_ID="rayssd-test",
+    AWS_SECRET_ACCESS_KEY="rayssd-test-secret",
+    AWS_REGION="us-east-1",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on the session's `S3_ENDPOINT`; yields the endpoint."""
+    root = tmp_path_factory.mktemp("s3-server")
+    log_path = root / "server.log"
+    port = S3_ENDPOINT.rsplit(":", 1)[1]
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port]
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=root)
+    try:
+        wait_for_health(S3_ENDPOINT, server, log_path, timeout_s=60.0, path="/moto-api/")
+        yield S3_ENDPOINT
+    finally:
+        stop_process(server)
+
+
+@pytest.fixture
+def bucket(s3_server, request) -> str:
+    """A new, empty bucket for the test; yields ``s3://NAME``."""
+    import re
+    import uuid
+
+    import boto3
+
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{stem}-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +83,13 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` (sqlite store, proxied artifacts, one worker) for the session;
+def mlflow_server(tmp_path_factory, s3_server):
+    """A real ``mlflow server`` (sqlite store, one worker) for the session, proxying artifacts
+    to s3://MLFLOW_ARTIFACT_BUCKET/artifacts on the session's S3 API, as on a cloud cluster;
     yields its URI ``http://127.0.0.1:PORT``."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log_path = root / "server.log"
@@ -48,7 +99,7 @@ def mlflow_server(tmp_path_factory):
         "--port", str(port),
         "--workers", "1",  # two shared cores: one worker is plenty for the tests
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
+        "--artifacts-destination", f"s3://{MLFLOW_ARTIFACT_BUCKET}/artifacts",
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=root)
@@ -70,15 +121,17 @@ def stop_process(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def wait_for_health(uri: str, server: subprocess.Popen, log_path, timeout_s: float) -> None:
-    """Until `uri`/health answers 200 (MLflow's tracking and scoring servers both have it);
-    fails with the server's log when it exits or the time is up."""
+def wait_for_health(
+    uri: str, server: subprocess.Popen, log_path, timeout_s: float, path: str = "/health"
+) -> None:
+    """Until `uri` + `path` answers 200 (MLflow's tracking and scoring servers both have
+    /health); fails with the server's log when it exits or the time is up."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
             break
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{uri}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:

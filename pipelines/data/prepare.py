@@ -30,7 +30,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -38,7 +37,7 @@ import pyarrow.parquet as pq
 
 from pipelines.data.datasets import DatasetInfo, read_dataset
 from pipelines.data.samples import preprocess
-from pipelines.data.sources import Probe, open_source, resolve_location
+from pipelines.data.sources import Location, Probe, open_source, resolve_location
 from pipelines.data.yolo import dataset_root, is_yolo_file
 from ssd import config as C
 from ssd.config import with_classes
@@ -115,16 +114,25 @@ class PrepareResult:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_manifest(out: Path) -> dict[str, Any] | None:
+def _read_manifest(out: Location) -> dict[str, Any] | None:
     try:
-        return json.loads((out / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(out.join(MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
-def _parquet_rows(split_dir: Path) -> tuple[int, int]:
-    files = sorted(split_dir.glob("*.parquet"))
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files), len(files)
+def _parquet_files(split_dir: Location) -> list[str]:
+    """The split's Parquet files (paths inside its filesystem), sorted; none if it is missing."""
+    if split_dir.file_type() != pafs.FileType.Directory:
+        return []
+    infos = split_dir.filesystem.get_file_info(pafs.FileSelector(split_dir.path))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def _parquet_rows(split_dir: Location) -> tuple[int, int]:
+    files = _parquet_files(split_dir)
+    fs = split_dir.filesystem
+    return sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files), len(files)
 
 
 def prepare(
@@ -147,17 +155,17 @@ def prepare(
     start = time.perf_counter()
     probe = source if isinstance(source, Probe) else None
     source = probe.location.uri if probe is not None else str(source)
-    out = Path(out_dir).resolve()
-    fingerprint = source_fingerprint(source, ignore=str(out))
+    out = resolve_location(out_dir)
+    fingerprint = source_fingerprint(source, ignore=out.path)
     previous = _read_manifest(out)
     split_names = [s or "all" for s in splits]
     split_params = {"val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed}
     if not force and _up_to_date(previous, out, fingerprint, cfg, split_names, split_params):
-        log.info("prepared samples in %s are up to date; reusing them", out)
+        log.info("prepared samples in %s are up to date; reusing them", out.uri)
         splits_done = {s: previous["splits"][s] for s in split_names}
-        return PrepareResult(str(out), True, splits_done, time.perf_counter() - start, previous)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # a half-written cache is never taken for a good one
+        return PrepareResult(out.uri, True, splits_done, time.perf_counter() - start, previous)
+    out.filesystem.create_dir(out.path, recursive=True)
+    out.join(MANIFEST).delete()  # a half-written cache is never taken for a good one
     manifest: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "source": source,
@@ -167,7 +175,7 @@ def prepare(
     }
     info: DatasetInfo | None = None
     for split, name in zip(splits, split_names):
-        split_dir, report_dir = out / name, out / "reports" / name
+        split_dir, report_dir = out.join(name), out.join("reports", name)
         _clear_split(split_dir)
         if probe is None:  # parsed once, on the first split that needs it
             probe = open_source(source)
@@ -175,7 +183,7 @@ def prepare(
             probe,
             split=split,
             strict=strict,
-            report_dir=str(report_dir),
+            report_dir=report_dir.uri,
             val_fraction=cfg.data.val_fraction,
             seed=cfg.data.seed,
         )
@@ -184,14 +192,14 @@ def prepare(
         samples = preprocess(
             ds, split_cfg, train=False, batch_size=batch_size, workers=workers, annotations=True, compact=True
         )
-        samples.write_parquet(str(split_dir), compression=PARQUET_COMPRESSION)
+        samples.write_parquet(split_dir.uri, compression=PARQUET_COMPRESSION)
         rows, files = _parquet_rows(split_dir)
         manifest["splits"][name] = {
             "rows": rows,
             "files": files,
             "images_in_source": report.images_in_source,
             "problems": report.num_problems,
-            "report": str(report_dir / "ingest_report.json"),
+            "report": report_dir.join("ingest_report.json").uri,
             "info": info.to_dict(),
         }
     assert info is not None
@@ -204,13 +212,13 @@ def prepare(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     )
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return PrepareResult(str(out), False, manifest["splits"], time.perf_counter() - start, manifest)
+    out.join(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return PrepareResult(out.uri, False, manifest["splits"], time.perf_counter() - start, manifest)
 
 
 def _up_to_date(
     previous: dict | None,
-    out: Path,
+    out: Location,
     fingerprint: str,
     cfg: C.Config,
     splits: list[str],
@@ -224,15 +232,13 @@ def _up_to_date(
     cfg_prev = with_classes(cfg, tuple(previous["info"]["class_names"]))
     if previous.get("sample_hash") != sample_hash(cfg_prev) or not set(splits) <= set(previous["splits"]):
         return False
-    return all(_parquet_rows(out / s)[0] == previous["splits"][s]["rows"] for s in splits)
+    return all(_parquet_rows(out.join(s))[0] == previous["splits"][s]["rows"] for s in splits)
 
 
-def _clear_split(split_dir: Path) -> None:
-    if split_dir.exists():
-        for f in split_dir.iterdir():
-            if f.is_file() and f.suffix == ".parquet":
-                f.unlink()
-    split_dir.mkdir(parents=True, exist_ok=True)
+def _clear_split(split_dir: Location) -> None:
+    for path in _parquet_files(split_dir):
+        split_dir.filesystem.delete_file(path)
+    split_dir.filesystem.create_dir(split_dir.path, recursive=True)
 
 
 # --- reading prepared samples back ----------------------------------------------------------
@@ -240,9 +246,11 @@ def _clear_split(split_dir: Path) -> None:
 
 def is_prepared(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder written by `prepare` (it holds a manifest with a sample hash)."""
-    if "://" in str(path):
-        return False  # prepared samples are local folders (or a path every node mounts)
-    manifest = _read_manifest(Path(path))
+    try:
+        location = resolve_location(path)
+    except ValueError:
+        return False
+    manifest = _read_manifest(location)
     return manifest is not None and "sample_hash" in manifest
 
 
@@ -259,7 +267,7 @@ def describe_samples(cfg: C.Config) -> str:
 class PreparedSamples:
     """A folder `prepare` wrote, as a data source (see the module docstring)."""
 
-    root: Path
+    root: Location  # a local folder or one in object storage
     manifest: dict[str, Any]
 
     @property
@@ -278,7 +286,7 @@ class PreparedSamples:
             if name in self.manifest["splits"]:
                 return name
         raise ValueError(
-            f"{self.root} holds the prepared splits {list(self.splits)}, none for {role}: prepare "
+            f"{self.root.uri} holds the prepared splits {list(self.splits)}, none for {role}: prepare "
             f"it with --splits train,val, or give the {role} data separately"
         )
 
@@ -300,9 +308,9 @@ class PreparedSamples:
             wanted = cfg  # the run asks for other classes: let the hashes differ
         if sample_hash(wanted) != self.manifest.get("sample_hash"):
             raise ValueError(
-                f"{self.root} holds samples prepared for {describe_samples(self.cfg)}, but {what} "
+                f"{self.root.uri} holds samples prepared for {describe_samples(self.cfg)}, but {what} "
                 f"needs {describe_samples(wanted)}; prepare them again (rayssd prepare --data "
-                f"{self.manifest.get('source')} --out {self.root} --preset {cfg.name} --force), or "
+                f"{self.manifest.get('source')} --out {self.root.uri} --preset {cfg.name} --force), or "
                 "train from the source itself"
             )
         return wanted
@@ -319,7 +327,7 @@ class PreparedSamples:
         files = int(self.manifest["splits"][split]["files"])
         # One block per file, as `prepare` wrote them (blocks of the source's rows): the same
         # blocks, so the same shards and batches, as a run that preprocesses the source.
-        ds = ray.data.read_parquet(str(self.root / split), override_num_blocks=files)
+        ds = ray.data.read_parquet(self.root.join(split).uri, override_num_blocks=files)
         return ds.select_columns(columns)
 
     def dataset(
@@ -349,30 +357,30 @@ class PreparedSamples:
         from pipelines.data.datasets import coco_ground_truth
 
         columns = ["image_id", "width", "height", "boxes", "labels", "ignore"]
-        rows = ray.data.read_parquet(str(self.root / split)).select_columns(columns).iter_rows()
+        rows = ray.data.read_parquet(self.root.join(split).uri).select_columns(columns).iter_rows()
         if image_ids is not None:
             rows = (row for row in rows if int(row["image_id"]) in image_ids)
-        named = ({**row, "path": f"{self.root / split}#{row['image_id']}"} for row in rows)
+        named = ({**row, "path": f"{self.root.join(split).uri}#{row['image_id']}"} for row in rows)
         return coco_ground_truth(named, self.info(split))
 
 
 def open_prepared(path: str | os.PathLike) -> PreparedSamples:
     """The prepared samples at `path`; ValueError when it is not (or no longer) a complete,
     current `prepare` output."""
-    root = Path(path).expanduser().resolve()
+    root = resolve_location(path)
     manifest = _read_manifest(root)
     if manifest is None or "sample_hash" not in manifest:
-        raise ValueError(f"{root} holds no prepared samples (no complete {MANIFEST}); run rayssd prepare")
+        raise ValueError(f"{root.uri} holds no prepared samples (no complete {MANIFEST}); run rayssd prepare")
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(
-            f"{root} holds samples in format {manifest.get('format')}, this rayssd reads format "
+            f"{root.uri} holds samples in format {manifest.get('format')}, this rayssd reads format "
             f"{FORMAT_VERSION}; prepare them again (rayssd prepare ... --force)"
         )
     for split, entry in manifest["splits"].items():
-        rows, _ = _parquet_rows(root / split)
+        rows, _ = _parquet_rows(root.join(split))
         if rows != entry["rows"]:
             raise ValueError(
-                f"{root / split} has {rows} samples, its manifest {entry['rows']}: the folder was changed "
-                "after prepare; prepare it again (--force)"
+                f"{root.join(split).uri} has {rows} samples, its manifest {entry['rows']}: the folder was "
+                "changed after prepare; prepare it again (--force)"
             )
     return PreparedSamples(root, manifest)

@@ -37,6 +37,7 @@ import logging
 import os
 import posixpath
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,9 +100,60 @@ class Location:
     def file_type(self) -> pafs.FileType:
         return self.filesystem.get_file_info(self.path).type
 
+    @property
+    def is_local(self) -> bool:
+        return not self.prefix
+
+    def exists(self) -> bool:
+        return self.file_type() != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self.file_type() == pafs.FileType.File
+
     def read_bytes(self) -> bytes:
         with self.filesystem.open_input_file(self.path) as handle:
             return handle.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write the whole file at once: locally through a temporary file renamed into place,
+        in object storage as one upload (an object appears whole or not at all)."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, self.path)
+            return
+        with self.filesystem.open_output_stream(self.path) as handle:
+            handle.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def delete(self) -> None:
+        """Remove the file or directory (and what it holds), if it is there."""
+        kind = self.file_type()
+        if kind == pafs.FileType.Directory:
+            self.filesystem.delete_dir(self.path)
+        elif kind == pafs.FileType.File:
+            self.filesystem.delete_file(self.path)
+
+    def upload(self, local_file: str | os.PathLike) -> None:
+        """Copy a local file to this location."""
+        if self.is_local:
+            self.write_bytes(Path(local_file).read_bytes())
+            return
+        pafs.copy_files(os.fspath(local_file), self.path, destination_filesystem=self.filesystem)
+
+    def download(self, local_file: str | os.PathLike) -> None:
+        """Copy this file to a local one (written whole, then renamed into place)."""
+        tmp = Path(f"{os.fspath(local_file)}.tmp-{os.getpid()}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self.path, str(tmp), source_filesystem=self.filesystem)
+        tmp.replace(local_file)
 
 
 def resolve_location(path: str | os.PathLike) -> Location:

@@ -287,9 +287,10 @@ def evaluate(o: EvaluateOptions) -> dict[str, Any]:
         model=model,
     )
     print(format_metrics_table(metrics))
-    if o.out:
-        with open(o.out, "w", encoding="utf-8") as f:
-            json.dump(json_safe(metrics), f, indent=2, sort_keys=True)
+    if o.out:  # a local file or an object-store URI
+        from pipelines.data.sources import resolve_location
+
+        resolve_location(o.out).write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True))
         print(f"metrics written to {o.out}")
     return metrics
 

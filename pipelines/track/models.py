@@ -6,9 +6,11 @@ Labelling, serving and ``rayssd evaluate`` all take one model argument:
 * ``runs:/<run_id>/<path>`` — a checkpoint logged as a run artifact, or the run's logged model;
 * ``models:/NAME@alias``, ``models:/NAME/VERSION`` — the model registry;
 * ``models:/m-<id>`` — an MLflow logged model;
-* an ``.onnx`` file written by ``rayssd export``, run on ONNX Runtime (`pipelines.track.engines`).
+* an ``.onnx`` file written by ``rayssd export``, run on ONNX Runtime (`pipelines.track.engines`);
+* either in object storage (``s3://BUCKET/runs/NAME/model/checkpoint.pt``, ``gs://...``), read
+  through pyarrow's filesystems with the standard credentials and endpoint variables.
 
-MLflow URIs are downloaded (once, into a cache directory) and the single ``checkpoint.pt``
+MLflow and bucket URIs are downloaded (once, into a cache directory) and the single ``checkpoint.pt``
 inside is read with `ssd.checkpoint.load` (``weights_only=True``): a model from the
 registry is never unpickled or imported as pyfunc code.
 """
@@ -122,9 +124,14 @@ def load_model(uri: str, *, tracking_uri: str | None = None, cache_dir: str | No
         if local.suffix == ONNX_SUFFIX:
             return _load_onnx(local, uri)
         path = _local_checkpoint(local)
+    elif "://" in uri:  # object storage (s3://, gs://, ...): through pyarrow, cached
+        path = _object_store_file(uri, cache_dir)
+        if path.suffix == ONNX_SUFFIX:
+            return _load_onnx(path, uri)
     else:
         raise ValueError(
-            f"cannot load a model from {uri!r}: expected a checkpoint path, a runs:/ or a models:/ URI"
+            f"cannot load a model from {uri!r}: expected a checkpoint path or bucket URI, a runs:/ or a "
+            "models:/ URI"
         )
     ckpt = checkpoint.load(path)
     model, cfg = checkpoint.build_model(ckpt)
@@ -292,6 +299,40 @@ def _download(source: _Source, uri: str, store: str, cache_dir: str | None) -> P
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _object_store_file(uri: str, cache_dir: str | None) -> Path:
+    """A local copy of the checkpoint or ONNX file at `uri` (or of ``checkpoint.pt`` in the
+    folder `uri`), cached by object, size and modification time; credentials and endpoint come
+    from the standard variables (AWS_ENDPOINT_URL, ...), as for every other rayssd path."""
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            path = f"{path.rstrip('/')}/{checkpoint.FILE_NAME}"
+            info = filesystem.get_file_info(path)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"cannot read {uri}: {exc}") from None
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no checkpoint file or folder holding {checkpoint.FILE_NAME} at {uri}")
+    root = Path(cache_dir) if cache_dir else _default_cache()
+    key = f"{filesystem.type_name}|{path}|{info.size}|{info.mtime_ns}"  # the object, however named
+    key = hashlib.sha256(key.encode()).hexdigest()[:20]
+    target = root / key / info.base_name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        pafs.copy_files(path, str(tmp), source_filesystem=filesystem)
+        os.replace(tmp, target)  # atomic: a concurrent loader sees the whole file or none
+    except OSError as exc:
+        raise ValueError(f"cannot download {uri}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -34,7 +34,7 @@ from typing import Any
 from pipelines.data.datasets import DatasetInfo, coco_ground_truth, read_dataset
 from pipelines.data.prepare import PreparedSamples, open_prepared, prepare, sample_hash
 from pipelines.data.samples import expand, expanded_sample_bytes, preprocess
-from pipelines.data.sources import Probe
+from pipelines.data.sources import Location, Probe
 from ssd import config as C
 from ssd.config import with_classes
 
@@ -56,7 +56,7 @@ class Source:
 
     @property
     def uri(self) -> str:
-        return str(self.prepared.root) if self.prepared is not None else self.probe.location.uri
+        return self.prepared.root.uri if self.prepared is not None else self.probe.location.uri
 
 
 def open_training_source(path: str) -> Source:
@@ -109,7 +109,7 @@ def training_data(
     val_data: Source | None,
     cfg: C.Config,
     *,
-    storage: Path,
+    storage: Location,
     epoch_clock: str | None,
     data_cpus: float,
 ) -> TrainData:
@@ -225,7 +225,7 @@ def sanity_data(
     )
 
 
-def _into_object_store(samples: Any, where: Path) -> Any:
+def _into_object_store(samples: Any, where: str) -> Any:
     """`samples` read once into Ray's object store (spilled to disk by Ray when it is full).
 
     Read now, while no trainer holds CPUs: Ray Data's Parquet reads in Ray 2.60 ask a whole
@@ -250,7 +250,7 @@ def _expanded(prepared: PreparedSamples, split: str, cfg: C.Config, data_cpus: f
     training can go), else expanded by CPU workers during every epoch."""
     import ray
 
-    compact = _into_object_store(prepared.read(split), prepared.root / split)
+    compact = _into_object_store(prepared.read(split), prepared.root.join(split).uri)
     rows, store = prepared.rows(split), ray.cluster_resources().get("object_store_memory", 0.0)
     once = expand_once(rows, cfg, store)
     workers = max(1, min(2, compact.num_blocks()))  # a task per block at most
@@ -274,23 +274,23 @@ def _split_args(cfg: C.Config) -> dict[str, Any]:
     return {"val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed}
 
 
-def _prepared(source: Source, cfg: C.Config, storage: Path, splits: tuple[str, ...]) -> PreparedSamples:
+def _prepared(source: Source, cfg: C.Config, storage: Location, splits: tuple[str, ...]) -> PreparedSamples:
     """The source's prepared samples: as given, or prepared now (or reused) under STORAGE."""
     if source.prepared is not None:
         return source.prepared
     out = cache_folder(storage, source.uri, cfg)
     wanted = tuple(None if s == "all" else s for s in splits)
-    print(f"preparing the samples of {source.uri} once (no augmentation) in {out}", flush=True)
-    result = prepare(source.probe, out, cfg, splits=wanted)
+    print(f"preparing the samples of {source.uri} once (no augmentation) in {out.uri}", flush=True)
+    result = prepare(source.probe, out.uri, cfg, splits=wanted)
     rows = sum(entry["rows"] for entry in result.splits.values())
     verb = "reused" if result.reused else "prepared"
     print(f"{verb} {rows} samples in {result.seconds:.1f} s; every epoch reads them back", flush=True)
-    return open_prepared(out)
+    return open_prepared(out.uri)
 
 
-def cache_folder(storage: Path, source_uri: str, cfg: C.Config) -> Path:
+def cache_folder(storage: Location, source_uri: str, cfg: C.Config) -> Location:
     """STORAGE/samples/<name>-<digest>: one folder per source and sample-relevant config
     (without the classes, which come from the source), so runs of other presets keep theirs."""
     digest = hashlib.sha256(json.dumps([source_uri, sample_hash(cfg)]).encode()).hexdigest()[:12]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source_uri.rstrip("/")).stem)[:40] or "source"
-    return storage / CACHE_FOLDER / f"{stem}-{digest}"
+    return storage.join(CACHE_FOLDER, f"{stem}-{digest}")

@@ -13,12 +13,15 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipelines.common import JobError
+from pipelines.data.sources import Location
 from ssd import config as C
 
 RUN_FILE = "rayssd_run.json"  # in STORAGE/NAME: the MLflow run id and the config, for --resume
@@ -79,7 +82,7 @@ class Plan:
 
     cfg: C.Config
     name: str
-    storage: Path
+    storage: Location  # local folder or object storage (s3://, gs://, ...): Ray Train's storage path
     workers: int
     gpus_per_worker: float
     cpus_per_worker: float | None  # None: decided from the cluster's CPUs
@@ -98,12 +101,7 @@ def plan(o: TrainOptions) -> Plan:
 
     if not o.max_class_drop >= 0:
         raise ValueError(f"--max-class-drop {o.max_class_drop}: expected an AP difference >= 0")
-    if "://" in o.storage:
-        raise ValueError(
-            f"--storage {o.storage}: object-store URIs are not supported yet; give a local path, or on "
-            "a cluster a path every node mounts (e.g. NFS)"
-        )
-    storage = Path(o.storage).expanduser().resolve()
+    storage = storage_location(o.storage)
     resume = bool(o.resume)
     if o.sanity is not None and (resume or o.sanity < 1):
         raise ValueError("--sanity N needs N >= 1 images and a new run (not --resume)")
@@ -114,18 +112,19 @@ def plan(o: TrainOptions) -> Plan:
     if resume and not o.name:
         raise ValueError("--resume needs --name: the run to continue")
     name = o.name or None
-    run_file = storage / name / RUN_FILE if name else None
+    run_file = storage.join(name, RUN_FILE) if name else None
     run_id = None
     if resume:
         if run_file is None or not run_file.is_file():
-            raise ValueError(f"no run {name!r} to resume in {storage} (expected {run_file})")
+            where = run_file.uri if run_file is not None else RUN_FILE
+            raise ValueError(f"no run {name!r} to resume in {storage.uri} (expected {where})")
         if o.config_given:
             raise ValueError("--resume continues a run with its own config; drop --set and --config")
         try:
             saved = json.loads(run_file.read_text())
             cfg = C.from_dict(saved["config"])
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{run_file} is not a rayssd run record: {exc!r}") from exc
+        except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{run_file.uri} is not a rayssd run record: {exc!r}") from exc
         if saved.get("finished"):
             raise ValueError(
                 f"run {name!r} already finished all {cfg.train.epochs} epochs; nothing to resume"
@@ -147,7 +146,7 @@ def plan(o: TrainOptions) -> Plan:
             cfg = sanity_config(cfg)
         if name and run_file is not None and run_file.exists():
             raise ValueError(
-                f"run {name!r} already exists in {storage}; pass --resume to continue it "
+                f"run {name!r} already exists in {storage.uri}; pass --resume to continue it "
                 "or choose another --name"
             )
         stem = f"{cfg.name}-sanity" if o.sanity is not None else cfg.name
@@ -221,6 +220,7 @@ def run(p: Plan) -> dict[str, Any]:
     from pipelines.train.datasets import training_data
 
     start_ray(o.address)
+    check_storage_shared(p.storage)
     cpus, data_cpus, threads = _cpu_split(p, ray.cluster_resources())
     clock_name, board_name = _actor_names(p)
     _kill_named(clock_name, board_name)  # left by an earlier, interrupted session
@@ -353,7 +353,7 @@ def _start_tracking(o: TrainOptions, p: Plan, cfg: C.Config, data):
         "rayssd.job": "tune-trial" if o.parent_run_id else ("sanity" if o.sanity is not None else "train"),
         "rayssd.preset": cfg.name,
         "rayssd.data": str(o.data),
-        "rayssd.storage": str(p.storage),
+        "rayssd.storage": p.storage.uri,
         **({"mlflow.parentRunId": o.parent_run_id} if o.parent_run_id else {}),
     }
     tracker = Tracker.start(
@@ -386,8 +386,6 @@ def _start_tracking(o: TrainOptions, p: Plan, cfg: C.Config, data):
 def _write_run_file(
     p: Plan, cfg: C.Config, run_id: str | None, val_data: str | None, finished: bool = False
 ) -> None:
-    directory = p.storage / p.name
-    directory.mkdir(parents=True, exist_ok=True)
     record = {
         "name": p.name,
         "config": C.to_dict(cfg),
@@ -395,7 +393,7 @@ def _write_run_file(
         "val_data": val_data,
         "finished": finished,
     }
-    (directory / RUN_FILE).write_text(json.dumps(record, indent=2))
+    p.storage.join(p.name, RUN_FILE).write_text(json.dumps(record, indent=2))
 
 
 def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: int):
@@ -454,7 +452,7 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
         ),
         run_config=RunConfig(
             name=p.name,
-            storage_path=str(p.storage),
+            storage_path=p.storage.uri,
             failure_config=FailureConfig(max_failures=o.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=o.keep_checkpoints or None),
             callbacks=callbacks or None,
@@ -465,7 +463,7 @@ def _fit(o: TrainOptions, p: Plan, data, tracker, clock, cpus: float, threads: i
     print(
         f"training {cfg.name} on {data.num_train} images ({data.num_val} val) with {p.workers} "
         f"workers x {cpus:g} CPU{f' + {p.gpus_per_worker:g} GPU' if p.gpus_per_worker else ''}; "
-        f"run {p.name} in {p.storage}",
+        f"run {p.name} in {p.storage.uri}",
         flush=True,
     )
     from ray.train import TrainingFailedError
@@ -509,12 +507,21 @@ def _finish(o: TrainOptions, p: Plan, cfg: C.Config, result, tracker) -> dict[st
         raise RuntimeError(f"training failed: {result.error}") from result.error
     metrics = dict(result.metrics or {})
     final = result.checkpoint
-    out: dict[str, Any] = {"name": p.name, "storage": str(p.storage), "metrics": metrics, "registered": None}
-    if final is not None:
-        with final.as_directory() as directory:
-            state = ckpt_io.load(directory)
-        model_file = ckpt_io.save(ckpt_io.for_inference(state), p.storage / p.name / "model")
-        out["checkpoint"] = str(model_file)
+    out: dict[str, Any] = {"name": p.name, "storage": p.storage.uri, "metrics": metrics, "registered": None}
+    if final is None:
+        tracker.end("FINISHED")
+        return _tracked(out, tracker)
+    with final.as_directory() as directory:
+        state = ckpt_io.load(directory)
+    model_dir = p.storage.join(p.name, "model")
+    with tempfile.TemporaryDirectory(prefix="rayssd-model-") as scratch:
+        # the model beside the run's checkpoints; logged and registered from a local copy
+        model_file = ckpt_io.save(
+            ckpt_io.for_inference(state), model_dir.path if model_dir.is_local else scratch
+        )
+        if not model_dir.is_local:
+            model_dir.join(ckpt_io.FILE_NAME).upload(model_file)
+        out["checkpoint"] = model_dir.join(ckpt_io.FILE_NAME).uri
         out["epochs_done"] = state["epoch"]
         finished = state["epoch"] >= cfg.train.epochs
         register_as = (
@@ -528,6 +535,57 @@ def _finish(o: TrainOptions, p: Plan, cfg: C.Config, result, tracker) -> dict[st
                 tracker, str(model_file), register_as=register_as, max_class_drop=o.max_class_drop
             )
     tracker.end("FINISHED")
+    return _tracked(out, tracker)
+
+
+def _tracked(out: dict[str, Any], tracker) -> dict[str, Any]:
     out["mlflow_run_id"] = tracker.run_id if tracker.enabled else None
     out["mlflow_uri"] = tracker.uri if tracker.enabled else None
     return out
+
+
+def check_storage_shared(storage: Location, timeout_s: float = 60.0) -> None:
+    """On a cluster of several nodes, a local --storage must be a folder every node sees (a
+    shared mount): Ray Train's workers write checkpoints there and a restarted worker reads
+    them back. A marker file written here is looked for on every alive node; ValueError
+    naming the nodes that do not see it (a node-local disk), with what to give instead."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not storage.is_local or len(nodes) < 2:
+        return
+    marker = storage.join(f".rayssd-shared-{uuid.uuid4().hex}")
+    marker.write_text("written by rayssd train to see whether every node shares this folder\n")
+    sees = ray.remote(num_cpus=0)(os.path.exists)
+    try:
+        seen = ray.get(
+            [
+                sees.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(marker.path)
+                for n in nodes
+            ],
+            timeout=timeout_s,
+        )
+    finally:
+        marker.delete()
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ValueError(
+            f"--storage {storage.uri} is a local folder that {len(blind)} of the cluster's {len(nodes)} "
+            f"nodes do not see ({', '.join(sorted(set(blind)))}); on a cluster give a bucket "
+            "(--storage s3://BUCKET/runs, gs://...) or a path every node mounts (NFS, EFS, Filestore)"
+        )
+
+
+def storage_location(storage: str) -> Location:
+    """--storage as a `Location`: a local folder (made absolute) or a bucket URI, which Ray Train
+    reads and writes through pyarrow with the standard variables (AWS_ENDPOINT_URL, keys, ...).
+    ValueError naming the URI when its filesystem cannot be opened."""
+    from pipelines.data.sources import resolve_location
+
+    try:
+        return resolve_location(storage)
+    except ValueError as exc:
+        raise ValueError(f"--storage {storage}: {exc}") from None

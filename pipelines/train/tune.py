@@ -78,6 +78,11 @@ def tune(o: TuneOptions) -> dict[str, Any]:
     from pipelines.train.loop import PLACEMENT_GROUP_KEY
     from pipelines.train.search import build_space
 
+    if "://" in o.storage:
+        raise ValueError(
+            f"--storage {o.storage}: rayssd tune keeps its search on a local path or a mount every node "
+            "shares (object storage is for rayssd train); give such a path"
+        )
     storage = Path(o.storage).expanduser().resolve()
     name, saved = _name_and_record(o, storage)
     cfg = C.from_dict(saved["config"]) if saved else o.cfg

@@ -73,16 +73,18 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_evaluate_cli_prints_map_and_writes_json(ray_local, builtin, trained, tmp_path):
+def test_evaluate_cli_prints_map_and_writes_json_into_a_bucket(ray_local, builtin, trained, bucket):
+    from pipelines.data.sources import resolve_location
+
     val = str(builtin / "annotations" / "instances_val.json")
-    out = tmp_path / "metrics.json"
+    out = f"{bucket}/eval/metrics.json"  # --out s3://...
     run = _cli(
         *("--model", trained, "--data", val, "--split", "all", "--batch-size", str(BATCH)),
         *("--workers", "1", "--out", str(out), "--address", "auto"),  # the session's Ray
     )
     assert run.returncode == 0, run.stderr
     assert "mAP@0.5 " in run.stdout and "24 images" in run.stdout
-    metrics = json.loads(out.read_text())
+    metrics = json.loads(resolve_location(out).read_text())
     expected = direct_metrics(trained, builtin)
     assert metrics["map50"] == pytest.approx(expected["map50"], abs=1e-6)
     assert metrics["images"] == 24 and set(metrics["per_class50"]) == set(expected["per_class50"])

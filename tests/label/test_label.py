@@ -30,6 +30,7 @@ from pipelines.track.tracker import Tracker
 from ssd import checkpoint, export
 from ssd.detector import Detector
 from ssd.transforms import eval_transform
+from tests.storage import upload_tree
 from tests.trained_tiny import BATCH, direct_metrics, train_tiny
 
 pytestmark = pytest.mark.slow
@@ -266,9 +267,39 @@ def test_a_registered_model_by_alias_labels_and_the_run_records_its_version(
     assert [f"models:/{m.model_id}" for m in inputs] == [version.source]
 
 
+def test_a_folder_in_a_bucket_is_labelled_into_a_bucket_by_a_model_in_a_bucket(
+    ray_local, folder, trained, bucket, tmp_path, capsys
+):
+    """`rayssd label --model s3://... --input s3://... --out s3://...` on a real S3 API: the
+    model's own detections for every image, the bad files listed by URI, nothing local."""
+    from pipelines.data.sources import resolve_location
+
+    photos = upload_tree(folder, f"{bucket}/photos")
+    model = upload_tree(Path(trained).parent, f"{bucket}/model")
+    out = f"{bucket}/labelled"
+    argv = ["--model", model, "--input", photos, "--out", out, "--no-tracking", "--batch-size", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        label.main([*argv, "--workers", "1"])
+    assert exit_info.value.code == 0, capsys.readouterr()
+    rows = pq.read_table(f"{out}/labels").to_pylist()
+    local = {row["path"]: str(folder / row["path"].removeprefix(f"{photos}/")) for row in rows}
+    assert sorted(local.values()) == sorted(str(p) for p in folder.rglob("*.jpg") if p.name != "cut.jpg")
+    expected = _direct(trained, list(local.values()), batch=4)
+    assert sum(len(e["scores"]) for e in expected.values()) > GOOD
+    cfg = load_model(trained).cfg
+    for row in rows:
+        _assert_same_detections(row, expected[local[row["path"]]], cfg, score_atol=1e-5)
+    errors = json.loads(resolve_location(f"{out}/errors.json").read_text())
+    assert {e["path"]: e["kind"] for e in errors} == {
+        f"{photos}/cut.jpg": "truncated",
+        f"{photos}/fake.png": "unreadable",
+        f"{photos}/notes.txt": "not_an_image",
+    }
+
+
 def test_an_onnx_export_labels_the_folder_as_the_torch_model_does(ray_local, folder, trained, tmp_path):
-    """`rayssd label --model FILE.onnx`: ONNX Runtime actors give the torch detections (same
-    labels, boxes within 1e-3 of the image size, scores within 1e-5)."""
+    """`rayssd label --model FILE.onnx`: ONNX Runtime actors give the torch detections (one to
+    one: same labels, boxes within 1e-3 of the image size, scores within 1e-5)."""
     ckpt = checkpoint.load(trained)
     model, cfg = checkpoint.build_model(ckpt)
     onnx_file = tmp_path / "model.onnx"

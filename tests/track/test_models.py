@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +13,8 @@ from pipelines.track.tracker import Tracker
 from ssd import checkpoint
 from ssd import config as C
 from ssd.model import build_ssd
+from tests.ports import free_port
+from tests.storage import upload_tree
 
 REGISTERED = "loader-test"
 
@@ -112,8 +116,25 @@ def test_path_errors_say_what_is_missing(tmp_path, original):
     torch.save({"state": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="not a rayssd checkpoint"):
         load_model(str(other))
-    with pytest.raises(ValueError, match="expected a checkpoint path, a runs:/ or a models:/ URI"):
-        load_model("s3://bucket/model.pt")
+    with pytest.raises(ValueError, match="expected a checkpoint path or bucket URI, a runs:/ or a models:/"):
+        load_model("ftp:relative/model.pt")
+
+
+def test_a_model_in_a_bucket_loads_once_and_errors_name_the_uri(bucket, original, tmp_path, monkeypatch):
+    """s3:// checkpoints (the file or its folder) through the real S3 API, cached by URI and
+    object; a missing object, and an endpoint nobody answers, say which URI in one line."""
+    model, path = original
+    upload_tree(path.parent, f"{bucket}/runs/r/model")
+    for uri in (f"{bucket}/runs/r/model/{checkpoint.FILE_NAME}", f"{bucket}/runs/r/model"):
+        loaded = load_model(uri, cache_dir=str(tmp_path / "cache"))
+        _assert_same_outputs(loaded, model)
+        assert loaded.uri == uri and Path(loaded.checkpoint_path).is_relative_to(tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one object, one copy
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint file .* at {bucket}/runs/other"):
+        load_model(f"{bucket}/runs/other", cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ValueError, match=f"cannot read {bucket}/runs/r/model"):
+        load_model(f"{bucket}/runs/r/model", cache_dir=str(tmp_path / "cache"))
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import pickle
 import time
 from pathlib import Path
 
+import boto3
 import mlflow
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from pipelines.track.tracker import Tracker, check_reachable, tracking_uri
 from ssd import checkpoint
 from ssd import config as C
 from ssd.model import build_ssd
+from tests.storage import MLFLOW_ARTIFACT_BUCKET
 
 
 def _start(uri: str, name: str, **kwargs) -> Tracker:
@@ -105,6 +107,11 @@ def test_params_metrics_and_artifacts_reach_the_server(mlflow_server):
     listed = {a.path for a in client.list_artifacts(tracker.run_id)}
     assert listed == {"notes", "pictures", "pr.png"}
     assert [a.path for a in client.list_artifacts(tracker.run_id, "pictures")] == ["pictures/red.png"]
+    # the server keeps them in its bucket (an S3 API, as on a cloud cluster), not on a local disk
+    objects = boto3.client("s3").list_objects_v2(Bucket=MLFLOW_ARTIFACT_BUCKET)["Contents"]
+    stored = {o["Key"] for o in objects if f"/{tracker.run_id}/" in o["Key"]}
+    expected = {"notes/hello.txt", "pictures/red.png", "pr.png"}
+    assert {key.split("/artifacts/")[-1] for key in stored} == expected
 
 
 @pytest.mark.slow

@@ -16,9 +16,11 @@ import pytest
 
 from jobs import train as train_job
 from pipelines.data.builtin import write_builtin
+from pipelines.data.sources import list_files, resolve_location
 from pipelines.train.datasets import open_training_source, training_data
 from ssd import checkpoint as ckpt_io
 from ssd import config as C
+from tests.storage import upload_tree
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +75,7 @@ def _metric_steps(uri: str, run_id: str, key: str = "loss") -> list[int]:
         (["--workers", "64"], "train.num_workers=64 needs 64 CPUs"),
         (["--set", "train.eval_every=0"], "train.eval_every"),
         (["--resume"], "no run 'r' to resume"),
-        (["--storage", "s3://bucket/runs"], "object-store URIs are not supported yet"),
+        (["--storage", "nosuch://bucket/runs"], "--storage nosuch://bucket/runs: cannot open"),
     ],
 )
 def test_bad_values_are_refused_by_the_plan_naming_the_field(builtin, tmp_path, extra, expected):
@@ -112,23 +114,30 @@ def test_a_run_sized_in_steps_gets_the_epochs_its_data_needs(capsys):
 # --- one shared local Ray ----------------------------------------------------------------------
 
 
-def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_warns(
-    ray_local, builtin, tmp_path, monkeypatch, dead_tracking_uri, caplog
+def test_stop_then_resume_in_object_storage_equals_an_uninterrupted_run_and_a_dead_tracker_only_warns(
+    ray_local, builtin, bucket, tmp_path, monkeypatch, dead_tracking_uri, caplog
 ):
+    """Data, checkpoints and the run record in a bucket (a real S3 API): nothing local is read."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_tracking_uri)
-    first = _train(_argv(builtin, tmp_path, "run", "--stop-after-epochs", "1", "--workers", "1", epochs=2))
+    data = upload_tree(Path(builtin["train"]).parents[1], f"{bucket}/data")
+    builtin = {split: f"{data}/annotations/instances_{split}.json" for split in ("train", "val")}
+    storage = f"{bucket}/runs"
+    first = _train(_argv(builtin, storage, "run", "--stop-after-epochs", "1", "--workers", "1", epochs=2))
     assert first["epochs_done"] == 1 and [m["epoch"] for m in first["history"]] == [1.0]
     assert first["registered"] is None and first["mlflow_run_id"] is None
     assert any("without tracking" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="was started with --val-data"):
         train_job.plan(
-            _parse(["--resume", *_argv(builtin, tmp_path, "run")[:2], *_argv(builtin, tmp_path, "run")[4:8]])
+            _parse(["--resume", *_argv(builtin, storage, "run")[:2], *_argv(builtin, storage, "run")[4:8]])
         )
 
-    resumed = _train(["--resume", *_argv(builtin, tmp_path, "run")[:8], "--quiet"])
+    resumed = _train(["--resume", *_argv(builtin, storage, "run")[:8], "--quiet"])
     assert resumed["epochs_done"] == 2 and [m["epoch"] for m in resumed["history"]] == [2.0]
-    final = ckpt_io.load(resumed["checkpoint"])
-    expected_cfg = C.from_dict(json.loads((tmp_path / "run" / train_job.RUN_FILE).read_text())["config"])
+    assert resumed["checkpoint"] == f"{storage}/run/model/{ckpt_io.FILE_NAME}"
+    resolve_location(resumed["checkpoint"]).download(tmp_path / "final.pt")
+    final = ckpt_io.load(tmp_path / "final.pt")
+    record = resolve_location(f"{storage}/run/{train_job.RUN_FILE}").read_text()
+    expected_cfg = C.from_dict(json.loads(record)["config"])
     assert ckpt_io.config_of(final) == expected_cfg and expected_cfg.train.epochs == 2
     assert final["step"] == 2 * (128 // 8)  # one worker, both epochs' steps, none repeated or lost
     assert resumed["workers"].keys() == {"0"}
@@ -137,7 +146,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run_and_a_dead_tracker_only_wa
     assert resumed["num_fit"] == 128 and 0.0 <= resumed["metrics"]["fit_map50"] <= 1.0
     assert "fit_map50" not in first["metrics"]  # only after the last epoch
     with pytest.raises(ValueError, match="finished all 2 epochs"):
-        train_job.plan(_parse(["--resume", *_argv(builtin, tmp_path, "run")[:8]]))
+        train_job.plan(_parse(["--resume", *_argv(builtin, storage, "run")[:8]]))
 
 
 def _private_copy(builtin, tmp_path: Path, monkeypatch) -> Path:
@@ -151,7 +160,7 @@ def _private_copy(builtin, tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_without_augmentation_the_samples_are_prepared_once_and_the_images_not_read_again(
-    ray_local, builtin, tmp_path, monkeypatch
+    ray_local, builtin, bucket, tmp_path, monkeypatch
 ):
     copy = _private_copy(builtin, tmp_path, monkeypatch)
     data = {
@@ -159,10 +168,9 @@ def test_without_augmentation_the_samples_are_prepared_once_and_the_images_not_r
         for split in ("train", "val")
     }
     cfg = C.override(C.preset("tiny"), ["data.augment=false"])
-    cached = training_data(
-        data["train"], data["val"], cfg, storage=tmp_path, epoch_clock=None, data_cpus=0.25
-    )
-    assert cached.prepared is True and list((tmp_path / "samples").iterdir())  # STORAGE/samples/...
+    storage = resolve_location(f"{bucket}/runs")  # --storage s3://...: the samples go there
+    cached = training_data(data["train"], data["val"], cfg, storage=storage, epoch_clock=None, data_cpus=0.25)
+    assert cached.prepared is True and list_files(storage.join("samples"))  # STORAGE/samples/...
     for split in ("train", "val"):
         (copy / split / "images").rename(copy / split / "gone")  # the samples are prepared: images go
     for _ in range(2):  # what the trainers read each epoch, and the val inputs
@@ -177,7 +185,7 @@ def test_without_augmentation_the_samples_are_prepared_once_and_the_images_not_r
         open_training_source(builtin["train"]),
         open_training_source(builtin["val"]),
         C.override(C.preset("tiny"), ["data.augment=true"]),
-        storage=tmp_path / "augmented",
+        storage=resolve_location(str(tmp_path / "augmented")),
         epoch_clock=None,
         data_cpus=0.25,
     )
@@ -185,15 +193,15 @@ def test_without_augmentation_the_samples_are_prepared_once_and_the_images_not_r
     assert not (tmp_path / "augmented").exists()
 
 
-def test_training_reads_prepare_output_without_the_images_and_refuses_another_preset(
-    ray_local, builtin, tmp_path, monkeypatch
+def test_training_reads_prepare_output_in_a_bucket_without_the_images_and_refuses_another_preset(
+    ray_local, builtin, bucket, tmp_path, monkeypatch
 ):
     import shutil
 
     from pipelines.data.prepare import prepare
 
     copy = _private_copy(builtin, tmp_path, monkeypatch)
-    out = tmp_path / "prepared"
+    out = f"{bucket}/prepared"  # `rayssd prepare --out s3://...`
     prepare(
         str(copy / "annotations" / "instances_train.json"), out, C.preset("tiny"), splits=("train", "val")
     )
@@ -214,7 +222,7 @@ def test_training_reads_prepare_output_without_the_images_and_refuses_another_pr
     result = _train(argv)  # the preset's data.augment=true is turned off: prepared samples are fixed
     assert result["samples_cached"] is True and result["epochs_done"] == 1
     assert "map" in result["metrics"]  # the val split was evaluated from its prepared samples
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads(resolve_location(f"{out}/manifest.json").read_text())
     assert ckpt_io.load(result["checkpoint"])["dataset"]["num_train"] == manifest["splits"]["train"]["rows"]
     assert not (tmp_path / "samples").exists()  # read as given, not prepared again
 
@@ -307,10 +315,12 @@ def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
     return found
 
 
-# --- two nodes -------------------------------------------------------------------------------------
+# --- two nodes that share no disk ------------------------------------------------------------
 
 
-def test_two_workers_on_two_nodes_stay_identical_and_learn(builtin, tmp_path):
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A two-node Ray cluster (head and one more node, 2 CPUs each); yields its address."""
     from ray.cluster_utils import Cluster
 
     from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG
@@ -319,18 +329,31 @@ def test_two_workers_on_two_nodes_stay_identical_and_learn(builtin, tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args=head, connect=False)
     try:
         cluster.add_node(num_cpus=2)
-        summary = tmp_path / "summary.json"
-        argv = [
-            sys.executable, "-m", "jobs.train",
-            *_argv(builtin, tmp_path, "mn", "--address", cluster.address, "--placement", "STRICT_SPREAD",
-                   "--cpus-per-worker", "1", "--register-as", "none", "--summary-json", str(summary),
-                   "--param-digests"),
-        ]  # fmt: skip
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
-        assert out.returncode == 0, out.stdout + out.stderr
+        yield cluster.address
     finally:
         cluster.shutdown()
+
+
+def test_two_workers_on_two_nodes_train_through_a_bucket_stay_identical_and_learn(
+    two_nodes, builtin, bucket, tmp_path, mlflow_server
+):
+    """Data, checkpoints and the model pass through S3 and MLflow's server (artifacts in S3):
+    the driver runs in a folder of its own and no path of this machine is handed to a node."""
+    from mlflow.tracking import MlflowClient
+
+    data = upload_tree(Path(builtin["train"]).parents[1], f"{bucket}/data")
+    remote = {split: f"{data}/annotations/instances_{split}.json" for split in ("train", "val")}
+    summary, driver = tmp_path / "summary.json", tmp_path / "driver"
+    driver.mkdir()
+    argv = [
+        sys.executable, "-m", "jobs.train",
+        *_argv(remote, f"{bucket}/runs", "mn", "--address", two_nodes, "--placement", "STRICT_SPREAD",
+               "--cpus-per-worker", "1", "--register-as", "rayssd-two-nodes", "--summary-json", str(summary),
+               "--param-digests", "--experiment", "two-nodes"),
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONPATH": str(Path.cwd())}
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=driver)
+    assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(summary.read_text())
     nodes = {w["node_id"] for w in result["workers"].values()}
     assert len(result["workers"]) == 2 and len(nodes) == 2  # one rank per node
@@ -339,3 +362,30 @@ def test_two_workers_on_two_nodes_stay_identical_and_learn(builtin, tmp_path):
         assert len(set(digests.values())) == 1 and len(digests) == 2, (epoch, digests)
     losses = [m["loss"] for m in result["history"]]
     assert losses[-1] < losses[0], losses
+    assert result["checkpoint"] == f"{bucket}/runs/mn/model/{ckpt_io.FILE_NAME}"
+    assert list_files(resolve_location(f"{bucket}/runs/mn/epoch_0002"))  # Ray Train's checkpoint
+    assert not list(driver.iterdir())  # nothing written beside the driver (no ./mlflow.db, no runs)
+    version = MlflowClient(mlflow_server).get_model_version_by_alias("rayssd-two-nodes", "champion")
+    assert version.run_id == result["mlflow_run_id"]
+
+
+def test_a_local_storage_that_another_node_does_not_see_is_refused(two_nodes, builtin, tmp_path):
+    """A --storage folder only the driver sees (a tmpfs mounted in the driver's own mount
+    namespace: node-local disk on one machine) is refused in one line before training."""
+    private = tmp_path / "private"
+    private.mkdir()
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here (unshare: {probe.stderr.decode().strip()})")
+    argv = _argv(builtin, private / "runs", "local", "--address", two_nodes, "--register-as", "none")
+    command = f"mount -t tmpfs rayssd-test {private} && exec {sys.executable} -m jobs.train " + " ".join(
+        f"'{a}'" for a in argv
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "is a local folder that 2 of the cluster's 2 nodes do not see" in out.stderr, out.stderr
+    assert "--storage s3://BUCKET/runs" in out.stderr and "Traceback" not in out.stderr
