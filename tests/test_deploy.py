@@ -10,6 +10,7 @@ import copy
 import importlib
 import inspect
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import ray.autoscaler
 import requests
+import tomllib
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
@@ -90,7 +92,7 @@ def test_cluster_has_an_idle_head_and_autoscaling_gpu_and_cpu_workers(cluster):
 
 def test_cluster_setup_installs_this_checkout_without_what_jobs_leave_out(cluster):
     assert cluster["file_mounts"] == {"~/rayssd": "."}
-    assert "pip install -e ~/rayssd" in cluster["setup_commands"]
+    assert "pip install --no-deps -e ~/rayssd" in cluster["setup_commands"]
     runtime_env = yaml.safe_load((ROOT / "runtime_env.yaml").read_text())
     excluded = {p.rstrip("/") for p in cluster["rsync_exclude"]}
     assert {p.rstrip("/") for p in runtime_env["excludes"]} <= excluded
@@ -135,11 +137,45 @@ def test_rayjob_runs_the_train_job_with_arguments_it_accepts(rayjob):
     assert sum(g["maxReplicas"] for g in gpu_groups) >= args.workers * args.gpus_per_worker
 
 
-def test_rayjob_storage_is_on_a_volume_every_pod_mounts(rayjob):
-    storage = Path(_train_args(rayjob["spec"]["entrypoint"]).storage)
+def test_rayjob_data_and_storage_are_in_a_bucket_and_no_pod_mounts_a_shared_disk(rayjob):
+    args = _train_args(rayjob["spec"]["entrypoint"])
+    assert all(uri.startswith("s3://") for uri in (args.data, args.val_data, args.storage))
     for container in _containers(rayjob["spec"]["rayClusterSpec"]):
-        mounts = [Path(m["mountPath"]) for m in container.get("volumeMounts", [])]
-        assert any(storage.is_relative_to(m) for m in mounts), container["name"]
+        assert not container.get("volumeMounts"), container["name"]
+        assert {"secretRef": {"name": "rayssd-s3", "optional": True}} in container["envFrom"]
+
+
+@pytest.mark.parametrize("name", ["deploy/rayjob-train.yaml", "deploy/rayservice.yaml", "ray_cluster.yaml"])
+def test_deployments_run_the_image_the_dockerfile_builds_on_the_same_ray(name):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE=rayproject/ray:(\S+)-py(\d)(\d+)$", dockerfile, re.M)
+    assert base, "the Dockerfile names Ray's image as its BASE"
+    gpu_build = r"docker build -t rayssd:0\.1\.0-gpu --build-arg BASE=rayproject/ray:\S+-gpu"
+    assert re.search(gpu_build, dockerfile)
+    text = (ROOT / name).read_text()
+    images = set(re.findall(r"^ *(?:image|worker_image): (\S+)", text, re.M))
+    assert images and images <= {"REGISTRY/rayssd:0.1.0-cpu", "REGISTRY/rayssd:0.1.0-gpu"}, images
+    assert all(re.search(f"image: {re.escape(image)}  # EDIT", text) for image in images)
+    if name.startswith("deploy/"):
+        assert _load(name)["spec"].get("rayClusterSpec", _load(name)["spec"].get("rayClusterConfig"))[
+            "rayVersion"
+        ] == base.group(1)
+    else:
+        assert {t["node_config"].get("ImageId") for t in _load(name)["available_node_types"].values()} == {
+            "ami-EDIT-ME"
+        }
+
+
+def test_the_image_build_context_leaves_out_what_jobs_leave_out_and_copies_what_it_installs():
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    ignored = {line.rstrip("/") for line in lines if line and not line.startswith("#")}
+    runtime_env = yaml.safe_load((ROOT / "runtime_env.yaml").read_text())
+    assert {p.rstrip("/") for p in runtime_env["excludes"]} <= ignored
+    copied = re.findall(r"^COPY --chown=ray (.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    for path in " ".join(copied).split():
+        assert (ROOT / path).exists() and path not in ignored, path
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert {p.rstrip("*") for p in packages["find"]["include"]} <= set(" ".join(copied).split())
 
 
 def test_rayjob_runtime_env_is_runtime_env_yaml_without_a_local_working_dir(rayjob):
