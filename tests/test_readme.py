@@ -22,6 +22,8 @@ from jobs.cli import build_parser
 PROJECT = Path(__file__).resolve().parents[1]
 README = PROJECT / "README.md"
 OTHER_TOOLS = {"mlflow", "ray", "kubectl", "pip", "git"}  # not ours: named, not parsed here
+# variables README lines export, with the values the tools that read them accept (None: any)
+EXPORTS = {"RAY_AUTH_MODE": {"token"}, "MLFLOW_TRACKING_URI": None, "RAY_ADDRESS": None}
 ENDPOINT = {"/detect": {"score_threshold", "max_detections"}, "/healthz": set(), "/model": set()}
 
 
@@ -80,6 +82,11 @@ def check(command: str) -> None:
         job = argv[argv.index("--") + 1 :]
         assert job[:2] == ["python", "-m"] and job[2].startswith("jobs.")
         _check_job(job)
+    elif tool == "export":
+        for assignment in argv[1:]:
+            name, _, value = assignment.partition("=")
+            assert name in EXPORTS and value, command
+            assert EXPORTS[name] is None or value in EXPORTS[name], command
     else:
         assert tool in OTHER_TOOLS, f"README command not checked by any test: {command}"
 
@@ -102,3 +109,5 @@ def test_the_checker_catches_a_stale_option():
         check("rayssd train --data x.json --no-such-option")
     with pytest.raises(AssertionError):
         check("curl -X POST 'http://127.0.0.1:8000/predict'")
+    with pytest.raises(AssertionError):
+        check("export RAY_AUTH_MODE=tokens")
