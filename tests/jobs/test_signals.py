@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -94,11 +95,21 @@ def _start(argv: list[str], tmp_path: Path, **env: str) -> tuple[subprocess.Pope
     return process, _Output(process), store
 
 
-def _terminate(process: subprocess.Popen) -> float:
-    start = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=STOP_WITHIN_S)
-    return time.monotonic() - start
+def _terminate_once(
+    process: subprocess.Popen, output: _Output, text: str, before: Callable[[], None] = lambda: None
+) -> float:
+    """Once `text` is printed (and `before` has run), SIGTERM; the seconds until the process
+    ended. The process is killed if anything fails on the way."""
+    try:
+        output.wait_for(text, process, timeout_s=240)
+        before()
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=STOP_WITHIN_S)
+        return time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def _statuses(store: str) -> list[str]:
@@ -121,16 +132,15 @@ def test_serve_stops_on_sigterm_with_its_run_killed_and_no_process_left(tmp_path
     ray_tmp = tempfile.mkdtemp(prefix="rayssd-sigterm-", dir="/tmp")
     argv = ["jobs.serve", "--model", str(model), "--port", str(port)]
     process, output, store = _start(argv, tmp_path, RAY_TMPDIR=ray_tmp)
-    try:
-        output.wait_for("serving ", process, timeout_s=240)
+    children: set[int] = set()
+
+    def serving() -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
             assert response.status == 200
-        children = _descendants(process.pid)
+        children.update(_descendants(process.pid))
         assert children  # the local Ray it started
-        seconds = _terminate(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
+
+    seconds = _terminate_once(process, output, "serving ", before=serving)
     text = output.text
     assert process.returncode == 143, text
     assert "serve: stopped by SIGTERM" in text and "Traceback" not in text, text
@@ -156,12 +166,7 @@ def test_train_stops_on_sigterm_naming_the_run_to_resume(ray_local, tmp_path):
         "--set", "train.epochs=50", "--set", "train.batch_size=2", "--register-as", "none",
     ]  # fmt: skip
     process, output, store = _start(argv, tmp_path)
-    try:
-        output.wait_for("epoch 1/50", process, timeout_s=240)
-        seconds = _terminate(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    seconds = _terminate_once(process, output, "epoch 1/50")
     text = output.text
     assert process.returncode == 143, text
     assert "continue it with --resume --name stopped" in text and "Traceback" not in text, text

@@ -36,7 +36,7 @@ def builtin(tmp_path_factory) -> dict[str, str]:
 
 
 def _argv(
-    builtin, storage: Path, name: str, *extra: str, epochs: int = 2, batch: int = 8, val: str = "val"
+    builtin, storage: Path | str, name: str, *extra: str, epochs: int = 2, batch: int = 8, val: str = "val"
 ) -> list[str]:
     return [
         "--data", builtin["train"], "--val-data", builtin[val],
@@ -237,8 +237,10 @@ def test_an_empty_val_split_is_refused_before_training(ray_local, builtin, tmp_p
 
 
 def test_a_killed_worker_is_replaced_and_mlflow_still_holds_every_epoch_pictures_and_the_champion(
-    ray_local, builtin, tmp_path, monkeypatch, mlflow_server
+    ray_local, builtin, bucket, monkeypatch, mlflow_server
 ):
+    """Checkpoints in a bucket (a real S3 API), as on a cloud cluster: rank 1 killed mid-epoch,
+    Ray Train restores both ranks from the last checkpoint it registered there."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -246,8 +248,9 @@ def test_a_killed_worker_is_replaced_and_mlflow_still_holds_every_epoch_pictures
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = "rayssd-test-champion"
+    storage = f"{bucket}/runs"
     argv = _argv(
-        builtin, tmp_path, "ft", "--max-failures", "2", "--register-as", name, "--experiment", "train-test",
+        builtin, storage, "ft", "--max-failures", "2", "--register-as", name, "--experiment", "train-test",
         "--set", "train.eval_every=3", epochs=3, batch=2, val="train",  # mAP on the training images
     )  # fmt: skip
     outcome: dict = {}
@@ -256,7 +259,7 @@ def test_a_killed_worker_is_replaced_and_mlflow_still_holds_every_epoch_pictures
     killed, epoch = None, None
     deadline = time.monotonic() + 240
     while killed is None and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.1)
+        time.sleep(0.2)
         try:
             board = ray.get_actor("rayssd-progress-ft", namespace=ACTOR_NAMESPACE)
             state = ray.get(board.state.remote())
@@ -266,7 +269,7 @@ def test_a_killed_worker_is_replaced_and_mlflow_still_holds_every_epoch_pictures
         # Mid-epoch, once Ray Train holds the previous epoch's checkpoint (its controller
         # takes reported checkpoints on a 2 s poll: a kill before that restarts one further back).
         in_epoch = snap.get("phase") == "train" and snap.get("epoch", 0) >= 2
-        if in_epoch and _last_checkpointed_epoch(tmp_path / "ft") == snap["epoch"] - 1:
+        if in_epoch and _last_checkpointed_epoch(f"{storage}/ft") == snap["epoch"] - 1:
             killed, epoch = state["workers"][1]["pid"], snap["epoch"]
             os.kill(killed, signal.SIGKILL)  # rank 1, mid-epoch
     assert killed is not None, "never saw a checkpointed epoch followed by one in progress"
@@ -299,10 +302,11 @@ def test_a_killed_worker_is_replaced_and_mlflow_still_holds_every_epoch_pictures
     # A worse version leaving the alias alone: tests/track/test_tracking.py, on the registry.
 
 
-def _last_checkpointed_epoch(run_dir: Path) -> int:
-    """The newest epoch whose checkpoint Ray Train's controller has registered (0: none)."""
+def _last_checkpointed_epoch(run_dir: str) -> int:
+    """The newest epoch whose checkpoint Ray Train's controller has registered in `run_dir`
+    (a folder or a bucket URI; 0: none)."""
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        snapshot = json.loads(resolve_location(f"{run_dir}/checkpoint_manager_snapshot.json").read_text())
     except (OSError, ValueError):  # not there yet, or being written
         return 0
     return max((int(c["metrics"]["epoch"]) for c in snapshot.get("checkpoint_results", [])), default=0)
