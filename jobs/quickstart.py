@@ -142,6 +142,11 @@ class _Stages:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    @property
+    def current(self) -> str | None:
+        """The stage under way, if any."""
+        return self._current[0] if self._current is not None else None
+
 
 class _Expectation:
     """Prints, once, when the quickstart should end: the training's pace measured between two
@@ -273,6 +278,11 @@ def quickstart(o: QuickstartOptions) -> dict[str, Any]:
         _print_summary(summary)
         (out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the stage's own MLflow run is KILLED by now
+        raise KeyboardInterrupt(
+            f"stopped during {stages.current or 'start-up'}; run it again for a new run "
+            f"(the dataset in {data_dir} is reused)"
+        ) from None
     finally:
         if started_ray:
             ray.shutdown()

@@ -1,5 +1,6 @@
-"""`rayssd quickstart --quick` end to end, twice, as a user runs it: its own local Ray, the
-local MLflow store, a real HTTP request to the endpoint it starts."""
+"""`rayssd quickstart --quick` end to end as a user runs it: its own local Ray, the local
+MLflow store, a real HTTP request to the endpoint it starts; then again, stopped by SIGTERM
+while it trains."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.ports import free_port
+from tests.processes import STOP_WITHIN_S, assert_all_end, descendants, start_job, terminate_once
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +59,26 @@ def test_quickstart_runs_the_whole_system_and_can_run_again(tmp_path):
     kinds = {r.data.tags.get("rayssd.job") for r in runs}
     assert {"train", "label", "serve"} <= kinds  # every stage left its MLflow run
 
-    second, out2 = _quickstart(tmp_path, tmp_path / "qs", env)
+    # Again, as docker or Kubernetes stop it: SIGTERM once it trains and has said when it ends.
+    argv = ["jobs.quickstart", "--quick", "--out", str(tmp_path / "qs"), "--port", str(free_port())]
+    second, output, _ = start_job(argv, tmp_path, cwd=tmp_path, RAY_ADDRESS=None)
+    children: set[int] = set()
+    seconds = terminate_once(
+        second,
+        output,
+        "expected: training ends in about ",
+        before=lambda: children.update(descendants(second.pid)),
+    )
+    out2 = output.text
+    assert second.returncode == 143, out2[-3000:]
     assert "reused" in out2  # the dataset is not written again
-    assert second["run"] != first["run"] and second["model_uri"] == "models:/rayssd-quickstart/2"
-    assert labels.is_dir() and Path(second["labels"]).is_dir()  # the first run's outputs are kept
-    assert client.get_model_version("rayssd-quickstart", "2").run_id == second["train_mlflow_run"]
+    assert "quickstart: stopped during train; run it again" in out2 and "Traceback" not in out2, out2[-3000:]
+    assert seconds < STOP_WITHIN_S
+    assert children  # its local Ray, gone with it
+    assert_all_end(children)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`rayssd.job` = 'train'"
+    )
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]  # the stopped one is not a failure
+    assert labels.is_dir() and (labels / "detections.json").is_file()  # the first run's outputs are kept
+    assert [str(v.version) for v in client.search_model_versions("name = 'rayssd-quickstart'")] == ["1"]

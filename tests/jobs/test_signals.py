@@ -1,19 +1,13 @@
-"""SIGTERM, what docker, Kubernetes and systemd send to stop a process: `rayssd serve` and
-`rayssd train` stop within seconds, end their MLflow runs as KILLED, say what to do next,
-exit 143 and leave no process behind."""
+"""SIGTERM, what docker, Kubernetes and systemd send to stop a process: `rayssd serve`,
+`rayssd train` and `rayssd label` stop within seconds, end their MLflow runs as KILLED, say
+what to do next, exit 143 and leave no process behind (the quickstart's stop is in
+test_quickstart, on its second run)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -23,93 +17,9 @@ from ssd import checkpoint
 from ssd import config as C
 from ssd.model import build_ssd
 from tests.ports import free_port
+from tests.processes import STOP_WITHIN_S, assert_all_end, descendants, start_job, terminate_once
 
 pytestmark = pytest.mark.slow
-
-PROJECT = Path(__file__).resolve().parents[2]
-STOP_WITHIN_S = 60  # a generous bound on 2 shared cores; measured ~9 s for serve
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) of every process, from /proc."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # gone meanwhile
-                continue
-            found[int(entry)] = (int(fields[1]), fields[0])
-    return found
-
-
-def _descendants(pid: int) -> set[int]:
-    table, found, todo = _processes(), set(), [pid]
-    while todo:
-        parent = todo.pop()
-        for child, (ppid, _) in table.items():
-            if ppid == parent and child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _still_running(pids: set[int]) -> list[str]:
-    table = _processes()
-    running = [p for p in pids if p in table and table[p][1] != "Z"]
-    return [Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120] for p in running]
-
-
-class _Output:
-    """A subprocess's merged output, collected by a thread (so its pipe never fills)."""
-
-    def __init__(self, process: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True)
-        self._thread.start()
-
-    def _read(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, process: subprocess.Popen, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not any(text in line for line in self.lines):
-            assert process.poll() is None, "".join(self.lines)
-            assert time.monotonic() < deadline, f"no {text!r} in:\n{''.join(self.lines)}"
-            time.sleep(0.2)
-
-    @property
-    def text(self) -> str:
-        self._thread.join(timeout=10)
-        return "".join(self.lines)
-
-
-def _start(argv: list[str], tmp_path: Path, **env: str) -> tuple[subprocess.Popen, _Output, str]:
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONUNBUFFERED": "1", **env}
-    process = subprocess.Popen(
-        [sys.executable, "-m", *argv], cwd=PROJECT, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    return process, _Output(process), store
-
-
-def _terminate_once(
-    process: subprocess.Popen, output: _Output, text: str, before: Callable[[], None] = lambda: None
-) -> float:
-    """Once `text` is printed (and `before` has run), SIGTERM; the seconds until the process
-    ended. The process is killed if anything fails on the way."""
-    try:
-        output.wait_for(text, process, timeout_s=240)
-        before()
-        start = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=STOP_WITHIN_S)
-        return time.monotonic() - start
-    finally:
-        if process.poll() is None:
-            process.kill()
 
 
 def _statuses(store: str) -> list[str]:
@@ -118,38 +28,41 @@ def _statuses(store: str) -> list[str]:
     return [run.info.status for run in client.search_runs(experiments)]
 
 
-def test_serve_stops_on_sigterm_with_its_run_killed_and_no_process_left(tmp_path):
-    """Its own local Ray (as `docker run ... rayssd serve` has): the raylet, GCS, agents,
-    workers and Serve's actors all go with it."""
+def _untrained_model(tmp_path) -> str:
+    """A `tiny` checkpoint of two classes, as training writes it (untrained: nothing here needs
+    good boxes)."""
     cfg = C.override(C.preset("tiny"), ["model.num_classes=3"])
     ckpt = checkpoint.make_checkpoint(
         build_ssd(cfg).eval(), cfg, {"class_names": ["a", "b"], "category_ids": [1, 2]}, epoch=1, step=1
     )
-    model = checkpoint.save(checkpoint.for_inference(ckpt), tmp_path / "model")
+    return str(checkpoint.save(checkpoint.for_inference(ckpt), tmp_path / "model"))
+
+
+def test_serve_stops_on_sigterm_with_its_run_killed_and_no_process_left(tmp_path):
+    """Its own local Ray (as `docker run ... rayssd serve` has): the raylet, GCS, agents,
+    workers and Serve's actors all go with it."""
+    model = _untrained_model(tmp_path)
     port = free_port()
     # its Ray's files in a folder of its own (short: Ray's socket paths have a length limit), so
     # that `--address auto` elsewhere in the session never finds this cluster
     ray_tmp = tempfile.mkdtemp(prefix="rayssd-sigterm-", dir="/tmp")
-    argv = ["jobs.serve", "--model", str(model), "--port", str(port)]
-    process, output, store = _start(argv, tmp_path, RAY_TMPDIR=ray_tmp)
+    argv = ["jobs.serve", "--model", model, "--port", str(port)]
+    process, output, store = start_job(argv, tmp_path, RAY_TMPDIR=ray_tmp)
     children: set[int] = set()
 
     def serving() -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
             assert response.status == 200
-        children.update(_descendants(process.pid))
+        children.update(descendants(process.pid))
         assert children  # the local Ray it started
 
-    seconds = _terminate_once(process, output, "serving ", before=serving)
+    seconds = terminate_once(process, output, "serving ", before=serving)
     text = output.text
     assert process.returncode == 143, text
     assert "serve: stopped by SIGTERM" in text and "Traceback" not in text, text
     assert "*** SIGTERM received" not in text and "Aborted" not in text, text  # no stack dump
     assert _statuses(store) == ["KILLED"]
-    deadline = time.monotonic() + 15  # Ray's own processes end right after their parent
-    while _still_running(children) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _still_running(children), _still_running(children)
+    assert_all_end(children)
     assert seconds < STOP_WITHIN_S
 
 
@@ -165,11 +78,37 @@ def test_train_stops_on_sigterm_naming_the_run_to_resume(ray_local, tmp_path):
         "--storage", str(tmp_path / "runs"), "--name", "stopped", "--address", address, "--workers", "1",
         "--set", "train.epochs=50", "--set", "train.batch_size=2", "--register-as", "none",
     ]  # fmt: skip
-    process, output, store = _start(argv, tmp_path)
-    seconds = _terminate_once(process, output, "epoch 1/50")
+    process, output, store = start_job(argv, tmp_path)
+    seconds = terminate_once(process, output, "epoch 1/50")
     text = output.text
     assert process.returncode == 143, text
     assert "continue it with --resume --name stopped" in text and "Traceback" not in text, text
     assert _statuses(store) == ["KILLED"]
     assert (tmp_path / "runs" / "stopped" / "rayssd_run.json").is_file()
+    assert seconds < STOP_WITHIN_S
+
+
+def test_label_stops_on_sigterm_with_its_run_killed(ray_local, tmp_path):
+    """On the session's Ray, mid-way through a folder of 1000 photos: the labelling run is
+    KILLED in MLflow, the job says it stopped and exits 143."""
+    import numpy as np
+    from PIL import Image
+
+    address = ray_local.get_runtime_context().gcs_address
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(1000):  # several times what labelling gets through before the signal
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), np.uint8)).save(folder / f"{index:04d}.jpg")
+    model = _untrained_model(tmp_path)
+    argv = [
+        "jobs.label", "--model", model, "--input", str(folder), "--out", str(tmp_path / "out"),
+        "--address", address, "--workers", "1", "--batch-size", "2",
+    ]  # fmt: skip
+    process, output, store = start_job(argv, tmp_path)
+    seconds = terminate_once(process, output, "labelling ", before=lambda: time.sleep(5))
+    text = output.text
+    assert process.returncode == 143, text
+    assert "label: stopped by SIGTERM" in text and "Traceback" not in text, text
+    assert _statuses(store) == ["KILLED"]
     assert seconds < STOP_WITHIN_S
