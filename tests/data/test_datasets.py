@@ -385,3 +385,34 @@ def test_dataset_info_round_trips_through_a_plain_dict():
     assert DatasetInfo.from_dict(json.loads(json.dumps(plain))) == info
     with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
         DatasetInfo.from_dict(plain | {"colour": "red"})
+
+
+def _same_rows(local_rows: list[dict], remote_rows: list[dict], remote_root: str) -> None:
+    """The rows of a source read from a bucket are those of its local copy, their paths in the
+    bucket."""
+    assert len(remote_rows) == len(local_rows) > 0
+    for mine, theirs in zip(
+        sorted(local_rows, key=lambda r: r["image_id"]), sorted(remote_rows, key=lambda r: r["image_id"])
+    ):
+        assert theirs["path"].startswith(f"{remote_root}/") and theirs["path"].endswith(
+            Path(mine["path"]).name
+        )
+        assert (theirs["image_id"], theirs["width"], theirs["height"]) == (
+            mine["image_id"],
+            mine["width"],
+            mine["height"],
+        )
+        np.testing.assert_array_equal(theirs["boxes"], mine["boxes"])
+        np.testing.assert_array_equal(theirs["labels"], mine["labels"])
+
+
+def test_a_voc_root_in_a_bucket_reads_as_its_local_copy(ray_local, bucket, tmp_path):
+    """`--data s3://BUCKET/VOC2007` (a real S3 API): the same splits, boxes and labels."""
+    from tests.storage import upload_tree
+
+    root = _voc_root(tmp_path / "VOC2007")
+    remote = upload_tree(root, f"{bucket}/VOC2007")
+    assert detect_source(remote) == "voc"
+    for split in ("train", "val"):
+        local_rows, remote_rows = (read_dataset(r, split=split)[0].take_all() for r in (root, remote))
+        _same_rows(local_rows, remote_rows, remote)

@@ -140,3 +140,24 @@ def test_exports_with_a_missing_test_folder_and_an_unreadable_label_file(ray_loc
     posed.write_text(yaml.safe_dump({**config, "kpt_shape": [17, 3]}))
     with pytest.raises(ValueError, match="pose dataset"):
         open_source(posed)
+
+
+def test_a_yolo_dataset_in_a_bucket_reads_as_its_local_copy(ray_local, yolo, bucket):
+    """`--data s3://BUCKET/pets.yaml` (a real S3 API): its relative `path`, split folders and
+    image lists resolve in the bucket, with the same boxes, labels and report."""
+    from tests.storage import upload_tree
+
+    remote = f"{upload_tree(yolo.parent, f'{bucket}/yolo')}/pets.yaml"
+    assert open_source(remote).kind == "yolo"
+    for split in ("train", "val"):
+        local, _, local_report = read_dataset(yolo, split=split)
+        rows, _, report = read_dataset(remote, split=split)
+        mine = {Path(r["path"]).name: r for r in local.take_all()}
+        theirs = {Path(r["path"]).name: r for r in rows.take_all()}
+        assert sorted(theirs) == sorted(mine) and all(
+            r["path"].startswith(f"{bucket}/yolo/") for r in theirs.values()
+        )
+        for name, row in theirs.items():
+            np.testing.assert_allclose(row["boxes"], mine[name]["boxes"])
+            assert list(row["labels"]) == list(mine[name]["labels"])
+        assert dict(report.counts) == dict(local_report.counts)
