@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage",
         default="rayssd-runs",
-        help="where the search and its trials keep checkpoints (default: ./rayssd-runs)",
+        help="where the search, its trials' checkpoints and the best model are kept: a local folder "
+        "(default: ./rayssd-runs) or a bucket URI (s3://BUCKET/runs, gs://...), as for rayssd train",
     )
     parser.add_argument("--resume", action="store_true", help="continue search --name where it stopped")
     parser.add_argument(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.common import JobError
+from pipelines.data.sources import Location
 from ssd import config as C
 
 log = logging.getLogger(__name__)
@@ -74,16 +75,11 @@ def tune(o: TuneOptions) -> dict[str, Any]:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipelines.common import start_ray
-    from pipelines.train.launch import Interrupted
+    from pipelines.train.launch import Interrupted, check_storage_shared, storage_location
     from pipelines.train.loop import PLACEMENT_GROUP_KEY
     from pipelines.train.search import build_space
 
-    if "://" in o.storage:
-        raise ValueError(
-            f"--storage {o.storage}: rayssd tune keeps its search on a local path or a mount every node "
-            "shares (object storage is for rayssd train); give such a path"
-        )
-    storage = Path(o.storage).expanduser().resolve()
+    storage = storage_location(o.storage)  # a folder or a bucket URI, as for rayssd train
     name, saved = _name_and_record(o, storage)
     cfg = C.from_dict(saved["config"]) if saved else o.cfg
     cfg = C.override(cfg, ["train.eval_every=1"])  # ASHA compares val mAP at every epoch
@@ -109,11 +105,12 @@ def tune(o: TuneOptions) -> dict[str, Any]:
     # trial's controller is gone, and a trial that ASHA stops leaves its workers' placement
     # group to that cleaner (without it the group's CPUs stay taken and the search stalls).
     start_ray(o.address, include_dashboard=True)
+    check_storage_shared(storage)
     count = o.trials * math.prod(len(d["grid_search"]) for d in space.values() if isinstance(d, dict))
     concurrent, cpus, gpus = _packing(o, count, ray.cluster_resources())
     tracker = _start_tracking(o, name, cfg, shown, concurrent, cpus, gpus, saved)
     parent = tracker.run_id if tracker.enabled else None
-    _write_record(storage / name, o, cfg, shown, parent)
+    _write_record(storage.join(name), o, cfg, shown, parent)
     trial = functools.partial(
         run_trial,
         settings={
@@ -122,7 +119,7 @@ def tune(o: TuneOptions) -> dict[str, Any]:
             "val_data": _absolute(o.val_data) if o.val_data else None,
             "tracking_uri": tracker.uri if tracker.enabled else None,
             "search": name,
-            "storage": str(storage / name / TRIALS_DIR),
+            "storage": storage.join(name, TRIALS_DIR).uri,
             "experiment": o.experiment,
             "parent_run_id": parent,
             "cpus_per_worker": cpus,
@@ -131,16 +128,16 @@ def tune(o: TuneOptions) -> dict[str, Any]:
         },
     )
     trainable = ray_tune.with_resources(trial, {"CPU": TRIAL_DRIVER_CPUS})
-    path = storage / name / "tune"
+    path = storage.join(name, "tune").uri
     print(
         f"tuning {cfg.name} on {o.data}: {count} trials, {concurrent} at a time "
         f"(1 worker{f' x {cpus:g} CPU' if cpus else ''}{f' + {gpus:g} GPU' if gpus else ''} each), ASHA over "
-        f"{cfg.train.epochs} epochs; search {name} in {storage}",
+        f"{cfg.train.epochs} epochs; search {name} in {storage.uri}",
         flush=True,
     )
     try:
-        if o.resume and ray_tune.Tuner.can_restore(str(path)):
-            tuner = ray_tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        if o.resume and ray_tune.Tuner.can_restore(path):
+            tuner = ray_tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
             tuner = ray_tune.Tuner(
                 trainable,
@@ -162,7 +159,7 @@ def tune(o: TuneOptions) -> dict[str, Any]:
                 ),
                 run_config=ray_tune.RunConfig(
                     name="tune",
-                    storage_path=str(storage / name),
+                    storage_path=storage.join(name).uri,
                     verbose=0,
                     # a trial whose workers fail is restarted by Tune (resuming its run from
                     # its last checkpoint), not by Ray Train: see `run_trial`
@@ -207,6 +204,7 @@ def run_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
     """One trial (inside Ray Tune): `rayssd train` with the trial's values, reporting to Tune."""
     from ray import tune as ray_tune
 
+    from pipelines.data.sources import resolve_location
     from pipelines.train import launch
     from pipelines.train.search import trial_config
 
@@ -214,8 +212,8 @@ def run_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = settings["tracking_uri"]
     trial_id = ray_tune.get_context().get_trial_id()
     name = f"{settings['search']}-{trial_id}"
-    storage = Path(settings["storage"])
-    resume = (storage / name / launch.RUN_FILE).exists()  # Tune restored this trial
+    storage = resolve_location(settings["storage"])
+    resume = storage.join(name, launch.RUN_FILE).exists()  # Tune restored this trial
     options = launch.TrainOptions(
         data=settings["data"],
         val_data=settings["val_data"],
@@ -225,7 +223,7 @@ def run_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
         gpus_per_worker=settings["gpus_per_worker"],
         data_cpus=settings["data_cpus"],
         name=name,
-        storage=str(storage),
+        storage=storage.uri,
         resume=resume,
         # 0: a stopped trial's workers die with their placement group (`free_placement_groups`),
         # and Ray Train must not start them again in a new one; Tune restarts failed trials
@@ -291,17 +289,20 @@ def _absolute(source: str) -> str:
     return source if "://" in source else os.path.abspath(os.path.expanduser(source))
 
 
-def _name_and_record(o: TuneOptions, storage: Path) -> tuple[str, dict | None]:
+def _name_and_record(o: TuneOptions, storage: Location) -> tuple[str, dict | None]:
     if o.resume:
         if not o.name:
             raise ValueError("--resume needs --name: the search to continue")
-        record = storage / o.name / SEARCH_FILE
+        record = storage.join(o.name, SEARCH_FILE)
         if not record.is_file():
-            raise ValueError(f"no search {o.name!r} to resume in {storage} (expected {record})")
-        return o.name, json.loads(record.read_text())
+            raise ValueError(f"no search {o.name!r} to resume in {storage.uri} (expected {record.uri})")
+        try:
+            return o.name, json.loads(record.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{record.uri} is not a rayssd search record: {exc}") from None
     name = o.name or f"tune-{o.cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (storage / name / SEARCH_FILE).exists():
-        raise ValueError(f"search {name!r} already exists in {storage}; pass --resume or another --name")
+    if storage.join(name, SEARCH_FILE).exists():
+        raise ValueError(f"search {name!r} already exists in {storage.uri}; pass --resume or another --name")
     return name, None
 
 
@@ -356,16 +357,14 @@ def _start_tracking(o, name, cfg, shown, concurrent, cpus, gpus, saved):
     return tracker
 
 
-def _write_record(directory: Path, o: TuneOptions, cfg: C.Config, shown: dict, run_id: str | None) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+def _write_record(
+    directory: Location, o: TuneOptions, cfg: C.Config, shown: dict, run_id: str | None
+) -> None:
     record = {"config": C.to_dict(cfg), "search": shown, "mlflow_run_id": run_id, "data": o.data}
-    (directory / SEARCH_FILE).write_text(json.dumps(record, indent=2))
+    directory.join(SEARCH_FILE).write_text(json.dumps(record, indent=2))
 
 
 def _finish(o, name, storage, cfg, results, tracker, shown) -> dict[str, Any]:
-    from pipelines.track.registry import log_model
-    from ssd import checkpoint as ckpt_io
-
     trials = [_trial_row(result, cfg.train.epochs) for result in results]
     if trials and all(t["status"] == "failed" for t in trials):
         tracker.end("FAILED")
@@ -392,9 +391,33 @@ def _finish(o, name, storage, cfg, results, tracker, shown) -> dict[str, Any]:
     best = next((t for t in trials if t["checkpoint"] and not math.isnan(t["final_map"])), None)
     if best is not None:
         out["best"] = best
-        state = ckpt_io.load(best["checkpoint"])
-        model_file = ckpt_io.save(ckpt_io.for_inference(state), storage / name / "best")
-        out["checkpoint"] = str(model_file)
+        _register_best(o, cfg, storage.join(name, "best"), best, storage, tracker, out)
+    tracker.end("FINISHED")
+    out["table"] = table
+    out["mlflow_run_id"] = tracker.run_id if tracker.enabled else None
+    out["mlflow_uri"] = tracker.uri if tracker.enabled else None
+    return out
+
+
+def _register_best(o, cfg, best_dir: Location, best: dict, storage: Location, tracker, out: dict) -> None:
+    """The best trial's model (its checkpoint: a path in `storage`'s filesystem, as Ray Train
+    reports it) saved for inference in STORAGE/NAME/best, logged and registered from a local copy."""
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    from pipelines.track.registry import log_model
+    from ssd import checkpoint as ckpt_io
+
+    with Checkpoint(best["checkpoint"], filesystem=storage.filesystem).as_directory() as directory:
+        state = ckpt_io.load(directory)
+    with tempfile.TemporaryDirectory(prefix="rayssd-best-") as scratch:
+        model_file = ckpt_io.save(
+            ckpt_io.for_inference(state), best_dir.path if best_dir.is_local else scratch
+        )
+        if not best_dir.is_local:
+            best_dir.join(ckpt_io.FILE_NAME).upload(model_file)
+        out["checkpoint"] = best_dir.join(ckpt_io.FILE_NAME).uri
         if tracker.enabled:
             tracker.log_metrics({"best_map": best["final_map"]}, step=0)
             tracker.set_tags({"rayssd.best_trial": best["trial"]})
@@ -404,11 +427,6 @@ def _finish(o, name, storage, cfg, results, tracker, shown) -> dict[str, Any]:
             out["registered"] = log_model(
                 tracker, str(model_file), register_as=register_as, max_class_drop=o.max_class_drop
             )
-    tracker.end("FINISHED")
-    out["table"] = table
-    out["mlflow_run_id"] = tracker.run_id if tracker.enabled else None
-    out["mlflow_uri"] = tracker.uri if tracker.enabled else None
-    return out
 
 
 def _trial_row(result: Any, epochs: int) -> dict[str, Any]:

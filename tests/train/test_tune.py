@@ -25,12 +25,13 @@ EXPERIMENT = "test-tune"
 REGISTERED = "tune-test"
 
 
-def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_server, tmp_path):
+def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_server, bucket, tmp_path):
     """Four trials in turn (two cores hold one): the first learns (lr 3e-3), the other three
     barely move (lr 1e-7), so ASHA stops the second at the epoch-1 rung against the first; the
     next trial can only start once the stopped one's workers are freed. Ctrl-C once a third
     trial runs; --resume continues the same search (same MLflow runs) to the end. Run as the CLI
-    in its own process: its own local Ray."""
+    in its own process: its own local Ray. The search, its trials' checkpoints and the best
+    model are kept in a bucket (a real S3 API), as on a cloud cluster."""
     data = tmp_path / "data"
     write_builtin(data, seed=0, train_images=512, val_images=16, image_size=160)
     argv = [
@@ -42,7 +43,7 @@ def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_
         # augmented scenes take several for, so the rung-1 comparison is not a coin toss
         *("--set", "data.augment=false"),
         *("--search", "train.lr=grid(0.003,1e-7,1e-7,1e-7)", "--trials", "1"),
-        *("--storage", str(tmp_path / "runs"), "--name", "search", "--experiment", EXPERIMENT),
+        *("--storage", f"{bucket}/runs", "--name", "search", "--experiment", EXPERIMENT),
         *("--register-as", REGISTERED),
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
@@ -102,6 +103,11 @@ def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_
     trials = json.loads(Path(trials_file).read_text())
     best = trials[0]
     assert best["status"] == "finished" and best["config"]["train.lr"] == pytest.approx(0.003)
+    from pipelines.data.sources import resolve_location
+
+    for kept in ("rayssd_tune.json", "best/checkpoint.pt", "tune"):  # the record, the model, Tune's state
+        assert resolve_location(f"{bucket}/runs/search/{kept}").exists(), kept
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "rayssd-runs").exists()
     version = client.get_model_version_by_alias(REGISTERED, "champion")
     assert version.version == "1" and json.loads(version.tags["champion_gate"])["promote"] is True
 
