@@ -278,7 +278,7 @@ def quickstart(o: QuickstartOptions) -> dict[str, Any]:
         _print_summary(summary)
         (out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the stage's own MLflow run is KILLED by now
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the stage under way has ended its own MLflow run
         raise KeyboardInterrupt(
             f"stopped during {stages.current or 'start-up'}; run it again for a new run "
             f"(the dataset in {data_dir} is reused)"

@@ -84,21 +84,24 @@ def _source_root(path: str) -> tuple[pafs.FileSystem, str, bool]:
     return fs, root, is_file
 
 
-def source_fingerprint(path: str, ignore: str | None = None) -> str:
+def source_fingerprint(path: str, ignore: tuple[str, ...] = ()) -> str:
     """sha256 over the source's annotation file and the listing of every file under its root.
 
-    `ignore`: a folder to leave out (the output directory, if it lies inside the source).
+    `ignore`: folders (paths or URIs) to leave out where they lie inside the source's root: the
+    output directory, a run storage beside the data (its checkpoints change every run).
     """
     fs, root, is_file = _source_root(path)
     digest = hashlib.sha256()
     if is_file:  # through its own filesystem: a YOLO YAML's dataset may lie on another
         digest.update(resolve_location(path).read_bytes())
-    ignored = os.path.abspath(ignore) if ignore and "://" not in ignore else ignore
+    folders = [resolve_location(folder) for folder in ignore]
+    # a folder is compared by its path inside its filesystem, so only one of the source's kind
+    ignored = tuple(f.path.rstrip("/") + "/" for f in folders if type(f.filesystem) is type(fs))
     files = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     entries = sorted(
         (f.path, f.size, f.mtime_ns)
         for f in files
-        if f.type == pafs.FileType.File and not (ignored and f.path.startswith(ignored.rstrip("/") + "/"))
+        if f.type == pafs.FileType.File and not f.path.startswith(ignored)
     )
     for name, size, mtime in entries:
         digest.update(f"{os.path.relpath(name, root)}\t{size}\t{mtime}\n".encode())
@@ -144,19 +147,21 @@ def prepare(
     strict: bool = False,
     force: bool = False,
     batch_size: int = 32,
+    leave_out: tuple[str, ...] = (),
 ) -> PrepareResult:
     """Validate `source` and write its matched samples per split, or reuse an up-to-date copy.
 
     A split of None means the whole source. `source` is a path or URI, or its `Probe`
     (`pipelines.data.sources.open_source`): every split then reuses the one parse. Raises
     ValueError for a bad source (see `pipelines.data.datasets.read_dataset`),
-    `DataValidationError` in strict mode.
+    `DataValidationError` in strict mode. `leave_out`: folders besides `out_dir` that the
+    source's fingerprint does not cover (`source_fingerprint`).
     """
     start = time.perf_counter()
     probe = source if isinstance(source, Probe) else None
     source = probe.location.uri if probe is not None else str(source)
     out = resolve_location(out_dir)
-    fingerprint = source_fingerprint(source, ignore=out.path)
+    fingerprint = source_fingerprint(source, ignore=(out.uri, *leave_out))
     previous = _read_manifest(out)
     split_names = [s or "all" for s in splits]
     split_params = {"val_fraction": cfg.data.val_fraction, "seed": cfg.data.seed}

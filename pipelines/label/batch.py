@@ -324,9 +324,12 @@ def label_rows(
 
 
 def _worker_uri(model: LoadedModel) -> str:
-    """`pinned_uri`, with a checkpoint path made absolute: workers may run in another directory."""
+    """`pinned_uri`, with a checkpoint path made absolute: workers may run in another directory.
+    A model in a bucket stays its URI: each worker's node fetches (and caches) its own copy,
+    as the driver's local copy is on the driver's disk alone."""
     uri = pinned_uri(model)
-    return uri if uri.startswith(("models:", "runs:")) else os.path.abspath(model.checkpoint_path)
+    remote = "://" in uri and not uri.startswith("file://")
+    return uri if remote or uri.startswith(("models:", "runs:")) else os.path.abspath(model.checkpoint_path)
 
 
 def require_labelled_source(source: str | Probe) -> Probe:

@@ -281,7 +281,9 @@ def _prepared(source: Source, cfg: C.Config, storage: Location, splits: tuple[st
     out = cache_folder(storage, source.uri, cfg)
     wanted = tuple(None if s == "all" else s for s in splits)
     print(f"preparing the samples of {source.uri} once (no augmentation) in {out.uri}", flush=True)
-    result = prepare(source.probe, out.uri, cfg, splits=wanted)
+    # the storage may lie inside the data's root (s3://BUCKET/coco/x.json, s3://BUCKET/runs):
+    # its checkpoints are no part of the source
+    result = prepare(source.probe, out.uri, cfg, splits=wanted, leave_out=(storage.uri,))
     rows = sum(entry["rows"] for entry in result.splits.values())
     verb = "reused" if result.reused else "prepared"
     print(f"{verb} {rows} samples in {result.seconds:.1f} s; every epoch reads them back", flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -257,10 +258,10 @@ def run(p: Plan) -> dict[str, Any]:
         ray.kill(clock)
         raise
     run_id = tracker.run_id if tracker.enabled else p.run_id
-    _write_run_file(p, cfg, run_id, o.val_data)
     if o.sanity is None and not p.resume and o.scratch_warning:
         _warn_from_scratch(cfg, data.num_train)
     try:
+        _write_run_file(p, cfg, run_id, o.val_data)
         result, board_state = _fit(o, p, data, tracker, clock, cpus, threads)
     except KeyboardInterrupt:
         tracker.end("KILLED")
@@ -556,7 +557,10 @@ def check_storage_shared(storage: Location, timeout_s: float = 60.0) -> None:
     if not storage.is_local or len(nodes) < 2:
         return
     marker = storage.join(f".rayssd-shared-{uuid.uuid4().hex}")
-    marker.write_text("written by rayssd train to see whether every node shares this folder\n")
+    try:
+        marker.write_text("written by rayssd to see whether every node shares this folder\n")
+    except OSError as exc:
+        raise ValueError(f"--storage {storage.uri}: cannot write there ({exc})") from None
     sees = ray.remote(num_cpus=0)(os.path.exists)
     try:
         seen = ray.get(
@@ -568,6 +572,11 @@ def check_storage_shared(storage: Location, timeout_s: float = 60.0) -> None:
             ],
             timeout=timeout_s,
         )
+    except ray.exceptions.GetTimeoutError:  # a node still setting up: it cannot be told
+        logging.getLogger(__name__).warning(
+            "could not check within %.0f s that every node sees --storage %s", timeout_s, storage.uri
+        )
+        return
     finally:
         marker.delete()
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
@@ -582,10 +591,25 @@ def check_storage_shared(storage: Location, timeout_s: float = 60.0) -> None:
 def storage_location(storage: str) -> Location:
     """--storage as a `Location`: a local folder (made absolute) or a bucket URI, which Ray Train
     reads and writes through pyarrow with the standard variables (AWS_ENDPOINT_URL, keys, ...).
-    ValueError naming the URI when its filesystem cannot be opened."""
+    ValueError naming the URI when its filesystem cannot be opened, its endpoint does not
+    answer, its bucket is missing or it carries query parameters (which Ray's workers would
+    not be handed)."""
+    import pyarrow.fs as pafs
+
     from pipelines.data.sources import resolve_location
 
+    if "://" in storage and "?" in storage:  # the workers would be handed the URI without it
+        raise ValueError(
+            f"--storage {storage}: no query parameters; endpoint and credentials come from the "
+            "standard variables (AWS_ENDPOINT_URL, AWS_REGION, ...)"
+        )
     try:
-        return resolve_location(storage)
-    except ValueError as exc:
+        location = resolve_location(storage)
+        if not location.is_local:  # reachable, and its bucket there, before anything starts
+            bucket = location.path.split("/", 1)[0]
+            found = location.filesystem.get_file_info(bucket).type != pafs.FileType.NotFound
+    except (ValueError, OSError) as exc:
         raise ValueError(f"--storage {storage}: {exc}") from None
+    if not location.is_local and not found:
+        raise ValueError(f"--storage {storage}: no bucket {bucket!r} there")
+    return location

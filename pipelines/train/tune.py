@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.common import JobError
-from pipelines.data.sources import Location
+from pipelines.data.sources import Location, resolve_location
 from ssd import config as C
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,6 @@ def run_trial(config: dict[str, Any], *, settings: dict[str, Any]) -> None:
     """One trial (inside Ray Tune): `rayssd train` with the trial's values, reporting to Tune."""
     from ray import tune as ray_tune
 
-    from pipelines.data.sources import resolve_location
     from pipelines.train import launch
     from pipelines.train.search import trial_config
 
@@ -365,7 +364,7 @@ def _write_record(
 
 
 def _finish(o, name, storage, cfg, results, tracker, shown) -> dict[str, Any]:
-    trials = [_trial_row(result, cfg.train.epochs) for result in results]
+    trials = [_trial_row(result, cfg.train.epochs, storage.prefix) for result in results]
     if trials and all(t["status"] == "failed" for t in trials):
         tracker.end("FAILED")
         first = next(result for result in results if result.error is not None)
@@ -391,7 +390,7 @@ def _finish(o, name, storage, cfg, results, tracker, shown) -> dict[str, Any]:
     best = next((t for t in trials if t["checkpoint"] and not math.isnan(t["final_map"])), None)
     if best is not None:
         out["best"] = best
-        _register_best(o, cfg, storage.join(name, "best"), best, storage, tracker, out)
+        _register_best(o, cfg, storage.join(name, "best"), best, tracker, out)
     tracker.end("FINISHED")
     out["table"] = table
     out["mlflow_run_id"] = tracker.run_id if tracker.enabled else None
@@ -399,9 +398,9 @@ def _finish(o, name, storage, cfg, results, tracker, shown) -> dict[str, Any]:
     return out
 
 
-def _register_best(o, cfg, best_dir: Location, best: dict, storage: Location, tracker, out: dict) -> None:
-    """The best trial's model (its checkpoint: a path in `storage`'s filesystem, as Ray Train
-    reports it) saved for inference in STORAGE/NAME/best, logged and registered from a local copy."""
+def _register_best(o, cfg, best_dir: Location, best: dict, tracker, out: dict) -> None:
+    """The best trial's model saved for inference in STORAGE/NAME/best (`best_dir`), logged
+    and registered from a local copy."""
     import tempfile
 
     from ray.train import Checkpoint
@@ -409,7 +408,8 @@ def _register_best(o, cfg, best_dir: Location, best: dict, storage: Location, tr
     from pipelines.track.registry import log_model
     from ssd import checkpoint as ckpt_io
 
-    with Checkpoint(best["checkpoint"], filesystem=storage.filesystem).as_directory() as directory:
+    trial = resolve_location(best["checkpoint"])
+    with Checkpoint(trial.path, filesystem=trial.filesystem).as_directory() as directory:
         state = ckpt_io.load(directory)
     with tempfile.TemporaryDirectory(prefix="rayssd-best-") as scratch:
         model_file = ckpt_io.save(
@@ -429,7 +429,9 @@ def _register_best(o, cfg, best_dir: Location, best: dict, storage: Location, tr
             )
 
 
-def _trial_row(result: Any, epochs: int) -> dict[str, Any]:
+def _trial_row(result: Any, epochs: int, prefix: str = "") -> dict[str, Any]:
+    """A trial's outcome; its checkpoint as a path or URI (Ray Train reports the path inside
+    the storage's filesystem: `prefix` is the storage's scheme, s3:// say)."""
     metrics = result.metrics or {}
     frame = result.metrics_dataframe
     history = [float(v) for v in frame[METRIC].tolist()] if frame is not None and METRIC in frame else []
@@ -448,7 +450,7 @@ def _trial_row(result: Any, epochs: int) -> dict[str, Any]:
         "final_map": float(metrics.get(METRIC, math.nan)),
         "best_map": max(history) if history else math.nan,
         "config": config,
-        "checkpoint": metrics.get("checkpoint_path"),
+        "checkpoint": prefix + metrics["checkpoint_path"] if metrics.get("checkpoint_path") else None,
         "error": _error_line(result.error) if result.error is not None else None,
     }
 

@@ -201,3 +201,24 @@ def test_training_expands_prepared_samples_once_only_where_they_fit_in_half_the_
     assert expand_once(12_000, C.preset("tiny"), store)  # the quickstart: read, not decoded, each epoch
     assert expand_once(8_000, ssd300, store) and not expand_once(9_000, ssd300, store)
     assert not expand_once(118_000, ssd300, store)  # COCO: decoded by CPU workers each epoch
+
+
+def test_the_fingerprint_of_data_in_a_bucket_leaves_out_the_runs_kept_beside_it(bucket, tmp_path):
+    """`--data s3://B/coco/annotations/x.json --storage s3://B/runs`: the fingerprinted root
+    (the bucket) holds the runs; their checkpoints must not make the samples look stale, while
+    a new image does."""
+    import boto3
+
+    from pipelines.data.prepare import source_fingerprint
+
+    name = bucket.removeprefix("s3://")
+    client = boto3.client("s3")
+    client.put_object(Bucket=name, Key="annotations/x.json", Body=b'{"images": []}')
+    client.put_object(Bucket=name, Key="images/a.jpg", Body=b"a")
+    source, leave_out = f"{bucket}/annotations/x.json", (f"{bucket}/runs", f"{bucket}/runs/samples/x")
+    before = source_fingerprint(source, ignore=leave_out)
+    client.put_object(Bucket=name, Key="runs/r/epoch_0001/checkpoint.pt", Body=b"weights")
+    assert source_fingerprint(source, ignore=leave_out) == before
+    assert source_fingerprint(source) != before  # without leaving it out, it would count
+    client.put_object(Bucket=name, Key="images/b.jpg", Body=b"b")
+    assert source_fingerprint(source, ignore=leave_out) != before

@@ -289,6 +289,8 @@ def test_a_folder_in_a_bucket_is_labelled_into_a_bucket_by_a_model_in_a_bucket(
     cfg = load_model(trained).cfg
     for row in rows:
         _assert_same_detections(row, expected[local[row["path"]]], cfg, score_atol=1e-5)
+    summary = json.loads(resolve_location(f"{out}/summary.json").read_text())
+    assert summary["model"]["loaded_as"] == model  # each node fetches it: no driver-local path
     errors = json.loads(resolve_location(f"{out}/errors.json").read_text())
     assert {e["path"]: e["kind"] for e in errors} == {
         f"{photos}/cut.jpg": "truncated",

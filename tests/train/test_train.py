@@ -83,6 +83,19 @@ def test_bad_values_are_refused_by_the_plan_naming_the_field(builtin, tmp_path, 
         train_job.plan(_parse(_argv(builtin, tmp_path, "r", *extra)))
 
 
+def test_a_missing_bucket_or_a_uri_with_its_own_endpoint_is_refused_before_ray_starts(
+    builtin, s3_server, tmp_path
+):
+    """On the session's S3 API: a bucket that is not there, and query parameters (Ray's workers
+    would be handed the URI without them), are one-line errors naming --storage."""
+    for storage, expected in (
+        ("s3://no-such-bucket-here/runs", "no bucket 'no-such-bucket-here'"),
+        ("s3://b/runs?endpoint_override=127.0.0.1:1", "no query parameters"),
+    ):
+        with pytest.raises(ValueError, match=f"--storage .*{expected}"):
+            train_job.plan(_parse(_argv(builtin, storage, "r")))
+
+
 def test_cli_refuses_bad_input_in_one_line_before_starting_ray(builtin, tmp_path):
     cases = {
         "train.lr": ["--set", "train.lr=-1"],

@@ -102,6 +102,7 @@ def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_
     trials_file = client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))
     trials = json.loads(Path(trials_file).read_text())
     best = trials[0]
+    assert best["checkpoint"].startswith(f"{bucket}/runs/search/trials/")  # a URI one can use
     assert best["status"] == "finished" and best["config"]["train.lr"] == pytest.approx(0.003)
     from pipelines.data.sources import resolve_location
 
