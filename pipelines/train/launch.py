@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -514,14 +514,8 @@ def _finish(o: TrainOptions, p: Plan, cfg: C.Config, result, tracker) -> dict[st
         return _tracked(out, tracker)
     with final.as_directory() as directory:
         state = ckpt_io.load(directory)
-    model_dir = p.storage.join(p.name, "model")
-    with tempfile.TemporaryDirectory(prefix="rayssd-model-") as scratch:
-        # the model beside the run's checkpoints; logged and registered from a local copy
-        model_file = ckpt_io.save(
-            ckpt_io.for_inference(state), model_dir.path if model_dir.is_local else scratch
-        )
-        if not model_dir.is_local:
-            model_dir.join(ckpt_io.FILE_NAME).upload(model_file)
+    model_dir = p.storage.join(p.name, "model")  # beside the run's checkpoints
+    with saved_for_inference(state, model_dir) as model_file:
         out["checkpoint"] = model_dir.join(ckpt_io.FILE_NAME).uri
         out["epochs_done"] = state["epoch"]
         finished = state["epoch"] >= cfg.train.epochs
@@ -537,6 +531,19 @@ def _finish(o: TrainOptions, p: Plan, cfg: C.Config, result, tracker) -> dict[st
             )
     tracker.end("FINISHED")
     return _tracked(out, tracker)
+
+
+@contextlib.contextmanager
+def saved_for_inference(state: dict[str, Any], folder: Location) -> Iterator[Path]:
+    """`state` saved for inference as FOLDER/checkpoint.pt, FOLDER a local folder or one in a
+    bucket; yields a local file of it to log and register (a temporary copy for a bucket)."""
+    from ssd import checkpoint as ckpt_io
+
+    with tempfile.TemporaryDirectory(prefix="rayssd-model-") as scratch:
+        model_file = ckpt_io.save(ckpt_io.for_inference(state), folder.path if folder.is_local else scratch)
+        if not folder.is_local:
+            folder.join(ckpt_io.FILE_NAME).upload(model_file)
+        yield model_file
 
 
 def _tracked(out: dict[str, Any], tracker) -> dict[str, Any]:

@@ -401,22 +401,16 @@ def _finish(o, name, storage, cfg, results, tracker, shown) -> dict[str, Any]:
 def _register_best(o, cfg, best_dir: Location, best: dict, tracker, out: dict) -> None:
     """The best trial's model saved for inference in STORAGE/NAME/best (`best_dir`), logged
     and registered from a local copy."""
-    import tempfile
-
     from ray.train import Checkpoint
 
     from pipelines.track.registry import log_model
+    from pipelines.train.launch import saved_for_inference
     from ssd import checkpoint as ckpt_io
 
     trial = resolve_location(best["checkpoint"])
     with Checkpoint(trial.path, filesystem=trial.filesystem).as_directory() as directory:
         state = ckpt_io.load(directory)
-    with tempfile.TemporaryDirectory(prefix="rayssd-best-") as scratch:
-        model_file = ckpt_io.save(
-            ckpt_io.for_inference(state), best_dir.path if best_dir.is_local else scratch
-        )
-        if not best_dir.is_local:
-            best_dir.join(ckpt_io.FILE_NAME).upload(model_file)
+    with saved_for_inference(state, best_dir) as model_file:
         out["checkpoint"] = best_dir.join(ckpt_io.FILE_NAME).uri
         if tracker.enabled:
             tracker.log_metrics({"best_map": best["final_map"]}, step=0)
