@@ -122,10 +122,12 @@ class Location:
         in object storage as one upload (an object appears whole or not at all)."""
         if self.is_local:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = f"{self.path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, self.path)
+            tmp = Path(f"{self.path}.tmp-{os.getpid()}")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)  # gone already unless the write failed
             return
         with self.filesystem.open_output_stream(self.path) as handle:
             handle.write(data)
@@ -149,11 +151,15 @@ class Location:
         pafs.copy_files(os.fspath(local_file), self.path, destination_filesystem=self.filesystem)
 
     def download(self, local_file: str | os.PathLike) -> None:
-        """Copy this file to a local one (written whole, then renamed into place)."""
+        """Copy this file to a local one (written whole, then renamed into place: a concurrent
+        reader sees the whole file or none; nothing is left behind when the copy fails)."""
         tmp = Path(f"{os.fspath(local_file)}.tmp-{os.getpid()}")
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(self.path, str(tmp), source_filesystem=self.filesystem)
-        tmp.replace(local_file)
+        try:
+            pafs.copy_files(self.path, str(tmp), source_filesystem=self.filesystem)
+            tmp.replace(local_file)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def resolve_location(path: str | os.PathLike) -> Location:

@@ -308,31 +308,28 @@ def _object_store_file(uri: str, cache_dir: str | None) -> Path:
     from the standard variables (AWS_ENDPOINT_URL, ...), as for every other rayssd path."""
     import pyarrow.fs as pafs
 
+    from pipelines.data.sources import resolve_location
+
     try:
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-        info = filesystem.get_file_info(path)
+        location = resolve_location(uri)
+        info = location.filesystem.get_file_info(location.path)
         if info.type == pafs.FileType.Directory:
-            path = f"{path.rstrip('/')}/{checkpoint.FILE_NAME}"
-            info = filesystem.get_file_info(path)
+            location = location.join(checkpoint.FILE_NAME)
+            info = location.filesystem.get_file_info(location.path)
     except (ValueError, OSError) as exc:
         raise ValueError(f"cannot read {uri}: {exc}") from None
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"no checkpoint file or folder holding {checkpoint.FILE_NAME} at {uri}")
     root = Path(cache_dir) if cache_dir else _default_cache()
-    key = f"{filesystem.type_name}|{path}|{info.size}|{info.mtime_ns}"  # the object, however named
-    key = hashlib.sha256(key.encode()).hexdigest()[:20]
-    target = root / key / info.base_name
+    # the object, however named
+    key = f"{location.filesystem.type_name}|{location.path}|{info.size}|{info.mtime_ns}"
+    target = root / hashlib.sha256(key.encode()).hexdigest()[:20] / info.base_name
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        pafs.copy_files(path, str(tmp), source_filesystem=filesystem)
-        os.replace(tmp, target)  # atomic: a concurrent loader sees the whole file or none
+        location.download(target)  # whole or not at all: a concurrent loader never sees a part
     except OSError as exc:
         raise ValueError(f"cannot download {uri}: {exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 
