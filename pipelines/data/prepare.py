@@ -69,9 +69,8 @@ def _source_root(path: str) -> tuple[pafs.FileSystem, str, bool]:
     """(filesystem, root to fingerprint, source is a file). A COCO file's images usually sit
     beside its folder (``coco/annotations/x.json`` + ``coco/val2017``): fingerprint the
     grandparent; a YOLO YAML's dataset root is its ``path``."""
-    fs, inner = (
-        pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), os.path.abspath(path))
-    )
+    location = resolve_location(path)
+    fs, inner = location.filesystem, location.path
     info = fs.get_file_info(inner)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data source {path} does not exist")
