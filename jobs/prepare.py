@@ -48,13 +48,14 @@ def run(args: argparse.Namespace) -> dict:
 
     from pipelines.common import start_ray
     from pipelines.data.prepare import prepare
-    from pipelines.data.sources import open_source
+    from pipelines.data.sources import checked_location, open_source
 
     cfg = config_from_args(args)
     splits = tuple(None if s.strip() == "all" else s.strip() for s in args.splits.split(",") if s.strip())
     if not splits:
         raise ValueError("--splits needs at least one split name")
     probe = open_source(args.data)  # a bad source fails here, before Ray starts; parsed once
+    checked_location(args.out, "--out")  # so does a bucket the samples cannot be written to
     start_ray(args.address)
     print(f"preparing {args.data} -> {args.out} (preset {cfg.name}, splits {args.splits})", flush=True)
     result = prepare(probe, args.out, cfg, splits=splits, strict=args.strict, force=args.force)

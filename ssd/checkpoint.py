@@ -98,7 +98,8 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle and zip errors of every kind: say which file, and why
-        raise ValueError(f"{path} is not a readable rayssd checkpoint: {exc}") from exc
+        why = " ".join(str(exc).split())  # torch's messages run over several lines
+        raise ValueError(f"{path} is not a readable rayssd checkpoint: {why}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a rayssd checkpoint (no format {FORMAT!r} marker)")
     if ckpt.get("version", 0) > VERSION:

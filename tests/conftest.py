@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from tests.ports import free_port
-from tests.storage import MLFLOW_ARTIFACT_BUCKET
+from tests.storage import MLFLOW_ARTIFACT_BUCKET, s3_api
 
 # The session's own cache of measured memory layouts (`ssd.layout`), inherited by the Ray
 # workers and CLI runs it starts: tests neither read nor fill the user's ~/.cache.
@@ -39,17 +39,8 @@ os.environ.update(
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's S3 server on the session's `S3_ENDPOINT`; yields the endpoint."""
-    root = tmp_path_factory.mktemp("s3-server")
-    log_path = root / "server.log"
-    port = S3_ENDPOINT.rsplit(":", 1)[1]
-    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port]
-    with open(log_path, "wb") as log_file:
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=root)
-    try:
-        wait_for_health(S3_ENDPOINT, server, log_path, timeout_s=60.0, path="/moto-api/")
-        yield S3_ENDPOINT
-    finally:
-        stop_process(server)
+    with s3_api(tmp_path_factory.mktemp("s3-server"), S3_ENDPOINT) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

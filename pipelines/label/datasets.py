@@ -23,6 +23,7 @@ objects: a reviewer sees them, and a model trained on them learns that they hold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -69,8 +70,10 @@ def write_datasets(
     table = pads.dataset(parquet_dir, format="parquet", filesystem=location.filesystem)
     paths = table.to_table(columns=["path"]).column("path").to_pylist()
     names = relative_names(paths)
-    writers = [_WRITERS[fmt](location.join(DIRS[fmt]), dataset, names) for fmt in formats]
-    with ThreadPoolExecutor(COPY_THREADS) as pool:
+    # Streams are closed (moved into place) only when every image is in: an interrupted or
+    # failed run leaves no half-written annotation file.
+    with contextlib.ExitStack() as streams, ThreadPoolExecutor(COPY_THREADS) as pool:
+        writers = [_WRITERS[fmt](location.join(DIRS[fmt]), dataset, names, streams) for fmt in formats]
         copies = []
         for batch in table.to_batches():
             for row in parquet_rows(batch):
@@ -89,7 +92,7 @@ def write_datasets(
                         copies.append(pool.submit(_copy_image, row["path"], writer.root.join(IMAGES, name)))
         for copy in copies:
             copy.result()  # an image that cannot be copied fails the run, naming it
-    return {fmt: {**writer.close(), "min_score": min_score} for fmt, writer in zip(formats, writers)}
+        return {fmt: {**writer.close(), "min_score": min_score} for fmt, writer in zip(formats, writers)}
 
 
 def relative_names(paths: list[str]) -> dict[str, str]:
@@ -122,7 +125,9 @@ def _copy_image(source: str, target: Location) -> None:
 
 
 class _Coco:
-    def __init__(self, root: Location, dataset: dict, names: dict[str, str]) -> None:
+    def __init__(
+        self, root: Location, dataset: dict, names: dict[str, str], streams: contextlib.ExitStack
+    ) -> None:
         self.root = root
         self.file = root.join(COCO_FILE)
         self.category = {k: int(c) for k, c in enumerate(dataset["category_ids"], start=1)}
@@ -131,7 +136,7 @@ class _Coco:
             for n, c in zip(dataset["class_names"], dataset["category_ids"])
         ]
         root.filesystem.create_dir(self.file.parent.path, recursive=True)
-        self.stream = root.filesystem.open_output_stream(self.file.path)
+        self.stream = streams.enter_context(self.file.open_output())
         head = {"info": {"description": "rayssd label"}, "licenses": [], "categories": self.categories}
         self.stream.write(json.dumps(head, indent=1)[:-2].encode() + b',\n "annotations": [')
         self.images: list[dict[str, Any]] = []
@@ -162,7 +167,6 @@ class _Coco:
     def close(self) -> dict[str, Any]:
         self.images.sort(key=lambda image: image["id"])
         self.stream.write(b'\n ],\n "images": ' + json.dumps(self.images, indent=1).encode() + b"\n}\n")
-        self.stream.close()
         return {
             "dir": self.root.uri,
             "file": self.file.uri,
@@ -172,7 +176,9 @@ class _Coco:
 
 
 class _Yolo:
-    def __init__(self, root: Location, dataset: dict, names: dict[str, str]) -> None:
+    def __init__(
+        self, root: Location, dataset: dict, names: dict[str, str], streams: contextlib.ExitStack
+    ) -> None:
         self.root = root
         self.file = root.join(YOLO_FILE)
         self.class_names = list(dataset["class_names"])

@@ -263,6 +263,7 @@ def format_label_summary(summary: dict[str, Any]) -> str:
 
 def evaluate(o: EvaluateOptions) -> dict[str, Any]:
     """COCO mAP of `o.model` on `o.data` (`batch.evaluate_dataset`'s metrics), printed as a table."""
+    from pipelines.data.sources import checked_location
     from pipelines.label.batch import evaluate_dataset, require_labelled_source
     from pipelines.label.outputs import json_safe
     from pipelines.track.models import load_model
@@ -274,6 +275,7 @@ def evaluate(o: EvaluateOptions) -> dict[str, Any]:
     probe = require_labelled_source(o.data)  # a bad source fails here, before Ray starts; parsed once
     split = o.split or ("all" if probe.kind == "coco" else "val")
     model = load_model(o.model, tracking_uri=o.tracking_uri)  # so does a bad model
+    out = checked_location(o.out, "--out") if o.out else None  # and a bucket the metrics cannot reach
     start_ray(o.address)
     print(f"evaluating {model.label} on {o.data} (split {split})", flush=True)
     metrics = evaluate_dataset(
@@ -287,11 +289,9 @@ def evaluate(o: EvaluateOptions) -> dict[str, Any]:
         model=model,
     )
     print(format_metrics_table(metrics))
-    if o.out:  # a local file or an object-store URI
-        from pipelines.data.sources import resolve_location
-
-        resolve_location(o.out).write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True))
-        print(f"metrics written to {o.out}")
+    if out is not None:  # a local file or an object-store URI
+        out.write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True))
+        print(f"metrics written to {out.uri}")
     return metrics
 
 

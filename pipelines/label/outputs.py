@@ -20,7 +20,14 @@ import pyarrow.fs as pafs
 
 from pipelines.data.datasets import DatasetInfo
 from pipelines.data.samples import read_image
-from pipelines.data.sources import Location, is_image_name, list_files, resolve_location
+from pipelines.data.sources import (
+    Location,
+    checked_location,
+    is_image_name,
+    list_files,
+    resolve_location,
+    storage_error,
+)
 from pipelines.data.validation import IMAGE_KINDS, REPORT_FILE, IngestReport
 from pipelines.track.pictures import detection_grid
 from ssd.evaluate import CocoEvaluator, to_coco_results
@@ -68,22 +75,27 @@ SAMPLE_SCORE_THRESHOLD = 0.3  # detections drawn on the samples
 
 
 def check_output(out: str, *, overwrite: bool = False) -> Location:
-    """The output directory `out` (local path or URI). ValueError if it is a file, or a
-    directory that already holds something and `overwrite` is False."""
-    location = resolve_location(out)
-    kind = location.file_type()
+    """The output directory `out` (local path or URI). ValueError (one line) if it is a file, a
+    directory that already holds something and `overwrite` is False, or in a bucket that is not
+    there or refuses the credentials."""
+    location = checked_location(out, "--out")
+    try:
+        kind = location.file_type()
+        held: list[str] = []
+        if kind == pafs.FileType.Directory and not overwrite:
+            held = sorted(
+                info.base_name for info in location.filesystem.get_file_info(pafs.FileSelector(location.path))
+            )
+    except OSError as exc:
+        raise ValueError(f"--out {location.uri}: {storage_error(exc)}") from None
     if kind == pafs.FileType.File:
         raise ValueError(f"output directory {location.uri} is a file; expected a new or empty directory")
-    if kind == pafs.FileType.Directory and not overwrite:
-        held = sorted(
-            info.base_name for info in location.filesystem.get_file_info(pafs.FileSelector(location.path))
+    if held:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise ValueError(
+            f"output directory {location.uri} already holds {shown}; pass --overwrite to replace "
+            f"the labelling outputs in it ({', '.join(LABEL_OUTPUTS)}), or choose another directory"
         )
-        if held:
-            shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
-            raise ValueError(
-                f"output directory {location.uri} already holds {shown}; pass --overwrite to replace "
-                f"the labelling outputs in it ({', '.join(LABEL_OUTPUTS)}), or choose another directory"
-            )
     return location
 
 
@@ -135,7 +147,7 @@ def write_results(
     images: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     detections = 0
-    with location.filesystem.open_output_stream(location.join(DETECTIONS_FILE).path) as stream:
+    with location.join(DETECTIONS_FILE).open_output() as stream:  # whole, or not there
         stream.write(b"[")
         for batch in parquet.to_batches():
             rows = parquet_rows(batch)

@@ -133,7 +133,13 @@ def load_model(uri: str, *, tracking_uri: str | None = None, cache_dir: str | No
             f"cannot load a model from {uri!r}: expected a checkpoint path or bucket URI, a runs:/ or a "
             "models:/ URI"
         )
-    ckpt = checkpoint.load(path)
+    try:
+        ckpt = checkpoint.load(path)
+    except ValueError as exc:
+        if str(path) == uri:
+            raise
+        # the copy is ours; the object (cut short by an interrupted upload, say) is the user's
+        raise ValueError(f"{uri} (copied to {path}): {exc}") from None
     model, cfg = checkpoint.build_model(ckpt)
     log.info("loaded %s (%s) from %s", uri, cfg.name, path)
     return LoadedModel(
@@ -308,7 +314,7 @@ def _object_store_file(uri: str, cache_dir: str | None) -> Path:
     from the standard variables (AWS_ENDPOINT_URL, ...), as for every other rayssd path."""
     import pyarrow.fs as pafs
 
-    from pipelines.data.sources import resolve_location
+    from pipelines.data.sources import resolve_location, storage_error
 
     try:
         location = resolve_location(uri)
@@ -316,8 +322,10 @@ def _object_store_file(uri: str, cache_dir: str | None) -> Path:
         if info.type == pafs.FileType.Directory:
             location = location.join(checkpoint.FILE_NAME)
             info = location.filesystem.get_file_info(location.path)
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         raise ValueError(f"cannot read {uri}: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {uri}: {storage_error(exc)}") from None
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"no checkpoint file or folder holding {checkpoint.FILE_NAME} at {uri}")
     root = Path(cache_dir) if cache_dir else _default_cache()
@@ -329,7 +337,7 @@ def _object_store_file(uri: str, cache_dir: str | None) -> Path:
     try:
         location.download(target)  # whole or not at all: a concurrent loader never sees a part
     except OSError as exc:
-        raise ValueError(f"cannot download {uri}: {exc}") from None
+        raise ValueError(f"cannot download {uri}: {storage_error(exc)}") from None
     return target
 
 

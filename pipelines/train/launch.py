@@ -601,22 +601,11 @@ def storage_location(storage: str) -> Location:
     ValueError naming the URI when its filesystem cannot be opened, its endpoint does not
     answer, its bucket is missing or it carries query parameters (which Ray's workers would
     not be handed)."""
-    import pyarrow.fs as pafs
-
-    from pipelines.data.sources import resolve_location
+    from pipelines.data.sources import checked_location
 
     if "://" in storage and "?" in storage:  # the workers would be handed the URI without it
         raise ValueError(
             f"--storage {storage}: no query parameters; endpoint and credentials come from the "
             "standard variables (AWS_ENDPOINT_URL, AWS_REGION, ...)"
         )
-    try:
-        location = resolve_location(storage)
-        if not location.is_local:  # reachable, and its bucket there, before anything starts
-            bucket = location.path.split("/", 1)[0]
-            found = location.filesystem.get_file_info(bucket).type != pafs.FileType.NotFound
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"--storage {storage}: {exc}") from None
-    if not location.is_local and not found:
-        raise ValueError(f"--storage {storage}: no bucket {bucket!r} there")
-    return location
+    return checked_location(storage, "--storage")
