@@ -3,8 +3,10 @@ MLflow against a real server, a dead tracking server, and bad input refused befo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -336,19 +338,57 @@ def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
-    """A two-node Ray cluster (head and one more node, 2 CPUs each); yields its address."""
+def two_nodes(tmp_path_factory):
+    """A two-node Ray cluster (2 CPUs each) whose nodes share no disk: each has a Ray temp dir
+    of its own, and the second runs in a mount namespace of its own in which this session's
+    temporary folders (the data's local copy, the driver's folder) and the head's temp dir are
+    empty (a tmpfs over each), so a path of the head's handed to it fails as on a second
+    machine. Yields the address."""
+    import tempfile
+
     from ray.cluster_utils import Cluster
 
     from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG
+    from tests.processes import descendants, still_running
 
-    head = {"num_cpus": 2, "_system_config": LOCAL_RAY_SYSTEM_CONFIG}  # as `rayssd` starts a local Ray
+    # short: Ray's socket paths under a temp dir must fit 107 characters
+    head_tmp, node_tmp = (tempfile.mkdtemp(prefix=f"ray-{n}-", dir="/tmp") for n in ("h", "n"))
+    head = {"num_cpus": 2, "_system_config": LOCAL_RAY_SYSTEM_CONFIG, "temp_dir": head_tmp}
     cluster = Cluster(initialize_head=True, head_node_args=head, connect=False)
+    node, hidden = None, (str(tmp_path_factory.getbasetemp()), head_tmp)
     try:
-        cluster.add_node(num_cpus=2)
+        start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--address", cluster.address]
+        start += ["--num-cpus", "2", "--temp-dir", node_tmp, "--block", "--disable-usage-stats"]
+        if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0:
+            mounts = " && ".join(f"mount -t tmpfs rayssd-node-2 '{path}'" for path in hidden)
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+            command += [f"{mounts} && exec " + " ".join(f"'{a}'" for a in start)]
+        else:  # no private mount namespace here: its own temp dir only
+            command = start
+        log_path = tmp_path_factory.mktemp("node-2") / "ray-start.log"
+        with open(log_path, "wb") as log:
+            node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while len(cluster.global_state._live_node_ids()) < 2:
+            assert node.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
         yield cluster.address
     finally:
+        if node is not None:
+            pids = descendants(node.pid) | {node.pid}
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while still_running(pids) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            node.wait()
         cluster.shutdown()
+        shutil.rmtree(head_tmp, ignore_errors=True)
+        shutil.rmtree(node_tmp, ignore_errors=True)
 
 
 def test_two_workers_on_two_nodes_train_through_a_bucket_stay_identical_and_learn(
