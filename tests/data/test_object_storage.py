@@ -116,7 +116,7 @@ def test_credentials_the_store_refuses_are_one_line_naming_the_uri_before_work_s
 def test_output_written_piece_by_piece_appears_whole_or_not_at_all(where, request, tmp_path):
     """Location.open_output (label's detections.json and COCO dataset file): interrupted
     half-way, it leaves a file already there as it was and no new file, and no temporary
-    either; once the block ends the file is there whole."""
+    either; once the block ends the file is there whole, replacing the earlier one."""
     base = str(tmp_path / "out") if where == "local" else f"{request.getfixturevalue('bucket')}/out"
     root = resolve_location(base)
     kept, fresh = root.join("kept.json"), root.join("fresh.json")
@@ -126,10 +126,11 @@ def test_output_written_piece_by_piece_appears_whole_or_not_at_all(where, reques
             stream.write(b"[1,")
             raise KeyboardInterrupt
     assert kept.read_bytes() == b"earlier" and not fresh.exists()
-    with fresh.open_output() as stream:
-        stream.write(b"[1,")
-        stream.write(b"2]")
-    assert fresh.read_bytes() == b"[1,2]"
+    for target in (kept, fresh):
+        with target.open_output() as stream:
+            stream.write(b"[1,")
+            stream.write(b"2]")
+        assert target.read_bytes() == b"[1,2]"
     held = root.filesystem.get_file_info(pafs.FileSelector(root.path, recursive=True))
     assert sorted(info.base_name for info in held) == ["fresh.json", "kept.json"]  # no temporary
 
