@@ -10,8 +10,10 @@ import copy
 import importlib
 import inspect
 import json
+import os
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,57 @@ def test_the_image_build_context_leaves_out_what_jobs_leave_out_and_copies_what_
         assert (ROOT / path).exists() and path not in ignored, path
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     assert {p.rstrip("*") for p in packages["find"]["include"]} <= set(" ".join(copied).split())
+
+
+def test_what_the_dockerfile_copies_builds_and_installs_rayssd_as_its_run_step_does(tmp_path):
+    """No Docker daemon here: the image's install step on its own build context instead. The
+    files the Dockerfile copies, and nothing else, build a wheel holding every module of the
+    checkout and the ``rayssd`` command; installed apart from the checkout, it imports what the
+    Dockerfile's check imports."""
+    import subprocess
+    import sys
+    import zipfile
+
+    context = tmp_path / "context"
+    copied = re.findall(r"^COPY --chown=ray (.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    for path in " ".join(copied).split():
+        source = ROOT / path
+        if source.is_dir():
+            shutil.copytree(source, context / path, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (context / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, context / path)
+    wheels = tmp_path / "wheels"
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(wheels),
+    ]
+    out = subprocess.run([*build, str(context)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    [wheel] = wheels.glob("rayssd-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        assert "rayssd = jobs.cli:main" in archive.read(entry_points).decode()
+    modules = {
+        str(p.relative_to(ROOT)) for top in ("ssd", "pipelines", "jobs") for p in (ROOT / top).rglob("*.py")
+    }
+    assert modules <= names, sorted(modules - names)[:5]
+    target = tmp_path / "installed"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)]
+    out = subprocess.run(install, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    check = "import jobs.cli, pipelines.train.launch, ssd.model; print(jobs.cli.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip().startswith(str(target)), out.stdout + out.stderr[-2000:]
 
 
 def test_rayjob_runtime_env_is_runtime_env_yaml_without_a_local_working_dir(rayjob):
