@@ -26,10 +26,10 @@ REGISTERED = "tune-test"
 
 
 def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_server, bucket, tmp_path):
-    """Three trials in turn (two cores hold one): the first learns (lr 3e-3), the other two
-    barely move (lr 1e-7), so ASHA stops them at the epoch-1 rung against the first; a trial
-    can only start once the one before has freed its workers. Ctrl-C once a second trial runs;
-    --resume continues the same search (same MLflow runs) to the end. Run as the CLI
+    """Four trials in turn (two cores hold one): the first learns (lr 3e-3), the other three
+    barely move (lr 1e-7), so ASHA stops the second at the epoch-1 rung against the first; the
+    next trial can only start once the stopped one's workers are freed. Ctrl-C once a third
+    trial runs; --resume continues the same search (same MLflow runs) to the end. Run as the CLI
     in its own process: its own local Ray. The search, its trials' checkpoints and the best
     model are kept in a bucket (a real S3 API), as on a cloud cluster."""
     data = tmp_path / "data"
@@ -42,7 +42,7 @@ def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_
         # unaugmented (prepared once, shared by the trials): lr 3e-3 learns in one epoch what
         # augmented scenes take several for, so the rung-1 comparison is not a coin toss
         *("--set", "data.augment=false"),
-        *("--search", "train.lr=grid(0.003,1e-7,1e-7)", "--trials", "1"),
+        *("--search", "train.lr=grid(0.003,1e-7,1e-7,1e-7)", "--trials", "1"),
         *("--storage", f"{bucket}/runs", "--name", "search", "--experiment", EXPERIMENT),
         *("--register-as", REGISTERED),
     ]
@@ -53,7 +53,7 @@ def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_
     log = (tmp_path / "first.log").open("w+")
     first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
-        _wait_for_a_second_trial(client, first, timeout_s=900)
+        _wait_for_a_third_trial(client, first, timeout_s=900)
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=180) == 130
     finally:
@@ -69,9 +69,9 @@ def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_
     done = subprocess.run(resumed, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     out = done.stdout
-    assert "3 trials, 1 at a time" in out and "| trial | status |" in out
+    assert "4 trials, 1 at a time" in out and "| trial | status |" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "_0000" in line]
-    assert len(rows) == 3
+    assert len(rows) == 4
     statuses = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in rows}
     assert sorted(statuses.values()).count("finished") >= 1
     assert sum(status == "stopped early" for status in statuses.values()) >= 1, out
@@ -79,7 +79,7 @@ def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_
 
     [parent] = _parents(client)  # the resumed search kept its run
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["search.train.lr"] == "grid(0.003,1e-7,1e-7)"
+    assert parent.data.params["search.train.lr"] == "grid(0.003,1e-7,1e-7,1e-7)"
     assert parent.data.metrics["trials_stopped_early"] >= 1 and parent.data.metrics["best_map"] > 0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.md", "trials.json", "search_space.json", "config.yaml", "champion_gate.txt"} <= artifacts
@@ -87,9 +87,9 @@ def test_a_search_stops_weak_trials_early_resumes_and_registers_the_best(mlflow_
         "pictures/map_by_epoch.png"
     }
     children = _children(client, parent.info.run_id)
-    assert len(children) == 3  # the interrupted trial went on in its own run
+    assert len(children) == 4  # the interrupted trial went on in its own run
     lrs = sorted(float(c.data.params["train.lr"]) for c in children)
-    assert lrs == pytest.approx([1e-7, 1e-7, 0.003])
+    assert lrs == pytest.approx([1e-7, 1e-7, 1e-7, 0.003])
     for child in children:
         history = client.get_metric_history(child.info.run_id, "map")
         assert len(history) >= 1  # per-epoch val mAP in every trial's own run
@@ -123,19 +123,19 @@ def _children(client: MlflowClient, parent_id: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
-def _wait_for_a_second_trial(client: MlflowClient, search: subprocess.Popen, timeout_s: float) -> None:
-    """Until a second trial's run has logged a metric (so the first has ended and freed its
-    workers; if the second ends before the signal, the third is running)."""
+def _wait_for_a_third_trial(client: MlflowClient, search: subprocess.Popen, timeout_s: float) -> None:
+    """Until a third trial's run has logged a metric (so two trials have ended, the second
+    stopped or finished, and its workers were freed)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert search.poll() is None, "the search ended before it was interrupted"
         parents = _parents(client) if client.get_experiment_by_name(EXPERIMENT) else []
         if parents:
             children = sorted(_children(client, parents[0].info.run_id), key=lambda r: r.info.start_time)
-            if len(children) >= 2 and children[1].data.metrics:
+            if len(children) >= 3 and children[2].data.metrics:
                 return
         time.sleep(2)
-    raise AssertionError(f"no second trial ran within {timeout_s:.0f} s")
+    raise AssertionError(f"no third trial ran within {timeout_s:.0f} s")
 
 
 def test_a_stopped_trials_placement_group_is_removed_once(ray_local):
@@ -153,19 +153,31 @@ def test_a_stopped_trials_placement_group_is_removed_once(ray_local):
     assert remove_placement_group(None) is False
 
 
-def test_tune_refuses_a_bad_search_before_ray_starts(tmp_path):
+def test_tune_refuses_a_bad_search_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """One line each, exit status 2: through the CLI in its own process once (no Ray line, no
+    run folder), the other cases through the same entry point in this one."""
+    from jobs import cli
+
     data = tmp_path / "data"
     write_builtin(data, seed=0, train_images=8, val_images=4, image_size=96)
     train = str(data / "annotations" / "instances_train.json")
-    argv = [sys.executable, "-m", "jobs.cli", "tune", "--data", train]
+    argv = ["tune", "--data", train]
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *argv, "--search", "train.lr=loguniform(0,1)"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 2 and len(errors) == 1 and "low > 0" in errors[0], done.stderr[-1500:]
+    assert "Ray" not in done.stdout + done.stderr.replace("rayssd", "")
+    monkeypatch.chdir(tmp_path)  # where a run folder would appear
     for extra, needle in (
-        (["--search", "train.lr=loguniform(0,1)"], "low > 0"),
         (["--search", "train.nope=choice(1,2)"], "train.nope"),
         (["--resume"], "--resume needs --name"),
         (["--trials", "0"], "--trials"),
         (["--set", "train.steps=100"], "set train.epochs"),
     ):
-        done = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        errors = [line for line in done.stderr.splitlines() if "error:" in line]
-        assert done.returncode == 2 and len(errors) == 1 and needle in errors[0], done.stderr[-1500:]
+        with pytest.raises(SystemExit) as stopped:
+            cli.main([*argv, *extra])
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert stopped.value.code == 2 and len(errors) == 1 and needle in errors[0], (extra, errors)
     assert not (tmp_path / "rayssd-runs").exists()
