@@ -75,6 +75,14 @@ _ROOT_CANDIDATES = (
 _ROOT_PROBES = 8  # images looked up per candidate
 
 
+TEMPORARY = ".tmp-"  # in the names `Location.open_output` writes to; a killed writer leaves one
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of `Location.open_output`'s temporaries (hidden)."""
+    return name.startswith(".") and TEMPORARY in name
+
+
 @dataclasses.dataclass(frozen=True)
 class Location:
     """A file or directory: a pyarrow filesystem, the path inside it, and its URI prefix."""
@@ -146,7 +154,7 @@ class Location:
         process leaves no object at all (an upload is only committed when its stream closes)."""
         # hidden (list_files, Ray Data and rayssd's readers skip it), unique to this writer
         tmp = posixpath.join(
-            posixpath.dirname(self.path), f".{self.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            posixpath.dirname(self.path), f".{self.name}{TEMPORARY}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         )
         if self.is_local:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -213,13 +221,17 @@ _REFUSED = (
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
     "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "ExpiredToken",
+    "InvalidToken",
+    "HTTP status 403",
 )
 
 
 def storage_error(exc: OSError) -> str:
     """A filesystem error as one line; where an object store refused the request, what to check."""
     text = " ".join(str(exc).split())
-    if any(code in text for code in _REFUSED):
+    if _refused(exc):
         text += (
             "; the object store refused these credentials or this path: check AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS for gs://) and what "
@@ -235,17 +247,31 @@ def checked_location(path: str | os.PathLike, flag: str) -> Location:
     text = os.fspath(path)
     try:
         location = resolve_location(text)
-        if location.is_local:
-            return location
-        bucket = location.path.split("/", 1)[0]
-        found = location.filesystem.get_file_info(bucket).type != pafs.FileType.NotFound
     except ValueError as exc:
         raise ValueError(f"{flag} {text}: {exc}") from None
+    if location.is_local:
+        return location
+    bucket = location.path.split("/", 1)[0]
+    try:
+        # The path itself first: credentials scoped to a prefix may look there and not at the
+        # bucket (HeadBucket needs the right to list all of it).
+        if location.file_type() != pafs.FileType.NotFound:
+            return location
+        try:
+            found = location.filesystem.get_file_info(bucket).type != pafs.FileType.NotFound
+        except OSError as exc:
+            if _refused(exc):  # the path answered; the bucket is not ours to look at
+                return location
+            raise
     except OSError as exc:
         raise ValueError(f"{flag} {text}: {storage_error(exc)}") from None
     if not found:
         raise ValueError(f"{flag} {text}: no bucket {bucket!r} there")
     return location
+
+
+def _refused(exc: OSError) -> bool:
+    return any(code in str(exc) for code in _REFUSED)
 
 
 def list_files(location: Location, *, recursive: bool = True) -> list[str]:

@@ -60,7 +60,6 @@ def write_datasets(
     """Write each of `formats` under `location` from the labelling Parquet at `parquet_dir`
     (rows of `pipelines.label.outputs.LABEL_SCHEMA`). `dataset` is the model's (class_names,
     category_ids). Returns {format: {dir, file, images, annotations}} for the summary."""
-    from pipelines.label.outputs import parquet_rows
 
     if not formats:
         return {}
@@ -74,25 +73,36 @@ def write_datasets(
     # failed run leaves no half-written annotation file.
     with contextlib.ExitStack() as streams, ThreadPoolExecutor(COPY_THREADS) as pool:
         writers = [_WRITERS[fmt](location.join(DIRS[fmt]), dataset, names, streams) for fmt in formats]
-        copies = []
-        for batch in table.to_batches():
-            for row in parquet_rows(batch):
-                keep = row["scores"] >= min_score
-                boxes, labels, scores = row["boxes"][keep], row["labels"][keep], row["scores"][keep]
-                positive = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # clipped flat: none
-                row = {
-                    **row,
-                    "boxes": boxes[positive],
-                    "labels": labels[positive],
-                    "scores": scores[positive],
-                }
-                name = names[row["path"]]
-                for writer in writers:
-                    if writer.add(row, name):
-                        copies.append(pool.submit(_copy_image, row["path"], writer.root.join(IMAGES, name)))
-        for copy in copies:
-            copy.result()  # an image that cannot be copied fails the run, naming it
+        try:
+            copies = []
+            for batch in table.to_batches():
+                copies += _add(batch, writers, names, pool, min_score)
+            for copy in copies:
+                copy.result()  # an image that cannot be copied fails the run, naming it
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # no queued copy runs after a failure
+            raise
         return {fmt: {**writer.close(), "min_score": min_score} for fmt, writer in zip(formats, writers)}
+
+
+def _add(
+    batch: Any, writers: list, names: dict[str, str], pool: ThreadPoolExecutor, min_score: float
+) -> list:
+    """Add a Parquet batch's rows to each writer (detections scoring `min_score` or more);
+    returns the image copies submitted to `pool`."""
+    from pipelines.label.outputs import parquet_rows
+
+    copies = []
+    for row in parquet_rows(batch):
+        keep = row["scores"] >= min_score
+        boxes, labels, scores = row["boxes"][keep], row["labels"][keep], row["scores"][keep]
+        positive = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # clipped flat: none
+        row = {**row, "boxes": boxes[positive], "labels": labels[positive], "scores": scores[positive]}
+        name = names[row["path"]]
+        for writer in writers:
+            if writer.add(row, name):
+                copies.append(pool.submit(_copy_image, row["path"], writer.root.join(IMAGES, name)))
+    return copies
 
 
 def relative_names(paths: list[str]) -> dict[str, str]:

@@ -24,6 +24,7 @@ from pipelines.data.sources import (
     Location,
     checked_location,
     is_image_name,
+    is_temporary,
     list_files,
     resolve_location,
     storage_error,
@@ -83,9 +84,8 @@ def check_output(out: str, *, overwrite: bool = False) -> Location:
         kind = location.file_type()
         held: list[str] = []
         if kind == pafs.FileType.Directory and not overwrite:
-            held = sorted(
-                info.base_name for info in location.filesystem.get_file_info(pafs.FileSelector(location.path))
-            )
+            found = location.filesystem.get_file_info(pafs.FileSelector(location.path))
+            held = sorted(info.base_name for info in found if not is_temporary(info.base_name))
     except OSError as exc:
         raise ValueError(f"--out {location.uri}: {storage_error(exc)}") from None
     if kind == pafs.FileType.File:
@@ -100,8 +100,14 @@ def check_output(out: str, *, overwrite: bool = False) -> Location:
 
 
 def clear_outputs(location: Location) -> None:
-    """Delete the `LABEL_OUTPUTS` of an earlier run (nothing else) and make sure the directory exists."""
+    """Delete the `LABEL_OUTPUTS` of an earlier run and the temporaries a killed run's writers
+    left (nothing else), and make sure the directory exists."""
     fs = location.filesystem
+    kind = fs.get_file_info(location.path).type
+    if kind == pafs.FileType.Directory:  # and what a killed run's writer left half-written
+        for info in fs.get_file_info(pafs.FileSelector(location.path)):
+            if info.type == pafs.FileType.File and is_temporary(info.base_name):
+                fs.delete_file(info.path)
     for name in LABEL_OUTPUTS:
         path = location.join(name).path
         kind = fs.get_file_info(path).type

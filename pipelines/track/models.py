@@ -115,6 +115,8 @@ def load_model(uri: str, *, tracking_uri: str | None = None, cache_dir: str | No
     """
     scheme = urlparse(uri).scheme
     source = _Source(uri)
+    # a download (from MLflow or a bucket): errors name the URI as well as the local copy
+    copied = scheme in MLFLOW_SCHEMES or ("://" in uri and scheme not in ("", "file"))
     if scheme in MLFLOW_SCHEMES:
         store = resolve_tracking_uri(tracking_uri)
         source = _resolve(uri, store)
@@ -136,7 +138,7 @@ def load_model(uri: str, *, tracking_uri: str | None = None, cache_dir: str | No
     try:
         ckpt = checkpoint.load(path)
     except ValueError as exc:
-        if str(path) == uri:
+        if not copied:
             raise
         # the copy is ours; the object (cut short by an interrupted upload, say) is the user's
         raise ValueError(f"{uri} (copied to {path}): {exc}") from None

@@ -135,6 +135,23 @@ def test_output_written_piece_by_piece_appears_whole_or_not_at_all(where, reques
     assert sorted(info.base_name for info in held) == ["fresh.json", "kept.json"]  # no temporary
 
 
+def test_what_a_killed_writer_left_neither_blocks_the_next_run_nor_stays(bucket):
+    """A killed process never commits its upload, but a local one leaves its hidden temporary:
+    label's output check does not count it as an earlier run's output, and clearing the
+    outputs removes it along with them."""
+    from pipelines.label.outputs import clear_outputs
+
+    out = resolve_location(f"{bucket}/labels")
+    out.join(".detections.json.tmp-123-0badc0de").write_bytes(b"[1,")
+    assert check_output(out.uri).uri == out.uri  # not "already holds"
+    out.join("notes.txt").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"already holds notes\.txt;"):
+        check_output(out.uri)
+    clear_outputs(out)
+    held = out.filesystem.get_file_info(pafs.FileSelector(out.path))
+    assert [info.base_name for info in held] == ["notes.txt"]
+
+
 def test_objects_cut_short_are_named_in_one_line(bucket, model_file, tmp_path):
     """A COCO file and a checkpoint cut off half-way (an upload that stopped) read as errors that
     name the object, not a traceback or the local copy alone."""

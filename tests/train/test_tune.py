@@ -170,14 +170,18 @@ def test_tune_refuses_a_bad_search_before_ray_starts(tmp_path, capsys, monkeypat
     assert done.returncode == 2 and len(errors) == 1 and "low > 0" in errors[0], done.stderr[-1500:]
     assert "Ray" not in done.stdout + done.stderr.replace("rayssd", "")
     monkeypatch.chdir(tmp_path)  # where a run folder would appear
-    for extra, needle in (
-        (["--search", "train.nope=choice(1,2)"], "train.nope"),
-        (["--resume"], "--resume needs --name"),
-        (["--trials", "0"], "--trials"),
-        (["--set", "train.steps=100"], "set train.epochs"),
-    ):
-        with pytest.raises(SystemExit) as stopped:
-            cli.main([*argv, *extra])
-        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-        assert stopped.value.code == 2 and len(errors) == 1 and needle in errors[0], (extra, errors)
+    handler = signal.getsignal(signal.SIGTERM)  # the entry point installs its own: put back after
+    try:
+        for extra, needle in (
+            (["--search", "train.nope=choice(1,2)"], "train.nope"),
+            (["--resume"], "--resume needs --name"),
+            (["--trials", "0"], "--trials"),
+            (["--set", "train.steps=100"], "set train.epochs"),
+        ):
+            with pytest.raises(SystemExit) as stopped:
+                cli.main([*argv, *extra])
+            errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+            assert stopped.value.code == 2 and len(errors) == 1 and needle in errors[0], (extra, errors)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
     assert not (tmp_path / "rayssd-runs").exists()
