@@ -42,11 +42,23 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def running(pids: set[int]) -> set[int]:
+    """Those of `pids` that still run (zombies do not count)."""
+    table = processes()
+    return {p for p in pids if p in table and table[p][1] != "Z"}
+
+
+def command_line(pid: int) -> str:
+    """The command line of `pid` ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # gone meanwhile
+        return ""
+
+
 def still_running(pids: set[int]) -> list[str]:
     """The command lines of those of `pids` that still run (zombies do not count)."""
-    table = processes()
-    running = [p for p in pids if p in table and table[p][1] != "Z"]
-    return [Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120] for p in running]
+    return [command_line(p)[:120] for p in running(pids)]
 
 
 class JobOutput:

@@ -103,18 +103,12 @@ def clear_outputs(location: Location) -> None:
     """Delete the `LABEL_OUTPUTS` of an earlier run and the temporaries a killed run's writers
     left (nothing else), and make sure the directory exists."""
     fs = location.filesystem
-    kind = fs.get_file_info(location.path).type
-    if kind == pafs.FileType.Directory:  # and what a killed run's writer left half-written
+    if location.file_type() == pafs.FileType.Directory:  # and what a killed run's writer left
         for info in fs.get_file_info(pafs.FileSelector(location.path)):
             if info.type == pafs.FileType.File and is_temporary(info.base_name):
                 fs.delete_file(info.path)
     for name in LABEL_OUTPUTS:
-        path = location.join(name).path
-        kind = fs.get_file_info(path).type
-        if kind == pafs.FileType.Directory:
-            fs.delete_dir(path)
-        elif kind == pafs.FileType.File:
-            fs.delete_file(path)
+        location.join(name).delete()
     fs.create_dir(location.path, recursive=True)
 
 

@@ -283,7 +283,7 @@ def two_nodes(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     from pipelines.common import LOCAL_RAY_SYSTEM_CONFIG
-    from tests.processes import descendants, processes
+    from tests.processes import descendants, running
 
     cluster, node, made = None, None, []
     try:
@@ -323,16 +323,12 @@ def two_nodes(tmp_path_factory):
         if node is not None:
             pids = descendants(node.pid) | {node.pid}
 
-            def alive() -> set[int]:
-                table = processes()
-                return {p for p in pids if p in table and table[p][1] != "Z"}
-
             for signum, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-                for pid in alive():  # only what still runs: an ended one's pid may be reused
+                for pid in running(pids):  # only what still runs: an ended one's pid may be reused
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signum)
                 deadline = time.monotonic() + wait_s
-                while alive() and time.monotonic() < deadline:
+                while running(pids) and time.monotonic() < deadline:
                     time.sleep(0.2)
             node.wait()
         if cluster is not None:
@@ -351,7 +347,7 @@ def test_two_nodes_train_through_a_bucket_lose_a_worker_restore_from_it_and_stay
     epoch is tracked once, both ranks keep identical weights, and the model is registered."""
     from mlflow.tracking import MlflowClient
 
-    from tests.processes import descendants
+    from tests.processes import command_line, descendants
 
     address, second_node = two_nodes
     data = upload_tree(Path(builtin["train"]).parents[1], f"{bucket}/data")
@@ -376,7 +372,7 @@ def test_two_nodes_train_through_a_bucket_lose_a_worker_restore_from_it_and_stay
             time.sleep(0.2)
             checkpointed = _last_checkpointed_epoch(f"{bucket}/runs/mn")
             if checkpointed in (1, 2):  # epoch 2 or 3 under way; the last one ends the run
-                workers = [p for p in descendants(second_node) if b"RayTrainWorker" in _cmdline(p)]
+                workers = [p for p in descendants(second_node) if "RayTrainWorker" in command_line(p)]
                 if workers:
                     killed, restored_from = workers[0], checkpointed
                     os.kill(killed, signal.SIGKILL)
@@ -403,7 +399,8 @@ def test_two_nodes_train_through_a_bucket_lose_a_worker_restore_from_it_and_stay
     # The MLflow run, on a real server, is whole despite the restart.
     client = MlflowClient(mlflow_server)
     run_id = result["mlflow_run_id"]
-    assert client.get_run(run_id).data.params["train.epochs"] == "3"
+    params = client.get_run(run_id).data.params
+    assert params["train.epochs"] == "3" and params["model.backbone"] == "tiny"
     assert _metric_steps(mlflow_server, run_id) == [1, 2, 3]  # each epoch once
     assert _metric_steps(mlflow_server, run_id, "map") == [3]
     artifacts = _artifact_paths(client, run_id)
@@ -419,13 +416,6 @@ def test_two_nodes_train_through_a_bucket_lose_a_worker_restore_from_it_and_stay
     assert result["metrics"]["map"] > 0  # learnt: on its training images, within seconds
     version = client.get_model_version_by_alias("rayssd-two-nodes", "champion")
     assert version.run_id == run_id and version.version == "1"
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # gone meanwhile
-        return b""
 
 
 def test_a_local_storage_that_another_node_does_not_see_is_refused(two_nodes, builtin, tmp_path):
